@@ -1,0 +1,112 @@
+"""The canonical event log: one row per impression, the offline source every other stage reads.
+
+Columns (parquet):
+    request_id        int64      impressions shown together share one request
+    user_id           int64
+    item_id           int64
+    event_timestamp   timestamp[us, UTC]   microseconds: Feast's DuckDB path rejects nanoseconds
+    surface           string     where the impression was shown (one of DatasetSpec.surfaces)
+    hour              int8       hour of day, a context feature
+    action            int16      the engagement seen on the impression as a small id (a bitmask
+                                 of the dataset's action tasks, 0 = none); history tokens carry it
+    <task>            float32    one column per task label; NaN where the task does not apply
+                                 on that row's surface (outside the task's space)
+
+Items (parquet, Feast's `item_features` source):
+    item_id int64, category int64, quality float32, event_timestamp timestamp[us, UTC]
+
+`DatasetSpec` travels beside the log as `spec.json`: which surfaces exist, which tasks apply
+where, and which tasks the FM must never train on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+EVENT_TIMESTAMP = "event_timestamp"
+KEY_COLUMNS = ["request_id", "user_id", "item_id", EVENT_TIMESTAMP, "surface", "hour", "action"]
+ITEM_FEATURES = ["category", "quality"]
+
+
+@dataclass
+class DatasetSpec:
+    """What a dataset's tasks and surfaces are; shared by the FM, the experts and the store."""
+
+    name: str
+    surfaces: list[str]
+    main_tasks: list[str]  # shared by every surface; the FM's main head trains on them
+    surface_tasks: dict[str, list[str]]  # surface -> every task valid there (main ones included)
+    unseen_tasks: list[str] = field(default_factory=list)  # never shown to the FM
+    n_users: int = 0
+    n_items: int = 0
+    n_categories: int = 0
+    n_actions: int = 1  # action ids lie in [0, n_actions)
+
+    @property
+    def all_tasks(self) -> list[str]:
+        seen: list[str] = []
+        for tasks in [self.main_tasks, *self.surface_tasks.values(), self.unseen_tasks]:
+            seen.extend(t for t in tasks if t not in seen)
+        return seen
+
+    def fm_aux_tasks(self, surface: str) -> list[str]:
+        """Surface-specific tasks the FM trains on through that surface's alignment module."""
+        return [
+            t
+            for t in self.surface_tasks[surface]
+            if t not in self.main_tasks and t not in self.unseen_tasks
+        ]
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> DatasetSpec:
+        return cls(**json.loads(path.read_text()))
+
+
+def event_arrow_schema(tasks: list[str]) -> pa.Schema:
+    return pa.schema(
+        [
+            ("request_id", pa.int64()),
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            (EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC")),
+            ("surface", pa.string()),
+            ("hour", pa.int8()),
+            ("action", pa.int16()),
+            *[(t, pa.float32()) for t in tasks],
+        ]
+    )
+
+
+def as_microseconds(ts: pd.Series) -> pd.Series:
+    """Coerce a timestamp column to UTC microseconds (what Feast's DuckDB store accepts)."""
+    ts = pd.to_datetime(ts, utc=True)
+    return ts.astype("datetime64[us, UTC]")
+
+
+def timestamps_us(ts: pd.Series) -> np.ndarray:
+    """A timestamp column as int64 microseconds since the epoch (UTC)."""
+    naive = as_microseconds(ts).dt.tz_localize(None)
+    return naive.to_numpy(dtype="datetime64[us]").view(np.int64)
+
+
+def validate_events(df: pd.DataFrame, spec: DatasetSpec) -> None:
+    """Raise ValueError naming the first problem found in an event log."""
+    missing = [c for c in KEY_COLUMNS + spec.all_tasks if c not in df.columns]
+    if missing:
+        raise ValueError(f"event log lacks columns: {missing}")
+    if str(df[EVENT_TIMESTAMP].dtype) != "datetime64[us, UTC]":
+        raise ValueError(
+            f"event_timestamp must be datetime64[us, UTC], got {df[EVENT_TIMESTAMP].dtype}"
+        )
+    unknown = set(df["surface"].unique()) - set(spec.surfaces)
+    if unknown:
+        raise ValueError(f"event log has surfaces not in the spec: {sorted(unknown)}")
