@@ -1,0 +1,117 @@
+"""Feast's Redis layout, encoded and decoded in bulk.
+
+Feast's Redis online store keeps one hash per entity key; the hash key is the serialized entity
+key (join keys sorted, v3 encoding) followed by the project name, every feature is a field named
+by murmur3 of `view:feature` holding a serialized `feast.types.Value`, and `_ts:view` holds the
+row's event time as a serialized `google.protobuf.Timestamp`. Writing and reading exactly that
+layout keeps `FeatureStore.get_online_features`, `feast serve` and `feast materialize`
+interoperable with foundex's own fast paths.
+
+A `float_list_val` Value is a fixed header (field tag + two varint lengths, which depend only on
+the vector length) followed by the packed little-endian float32 values, so a batch of vectors of
+one dimension encodes and decodes as one NumPy reshape.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+import mmh3
+import numpy as np
+from feast.protos.feast.types.Value_pb2 import FloatList, Value
+from google.protobuf.timestamp_pb2 import Timestamp
+
+# Entity-key value type ids from feast.types.Value (ValueType enum).
+_STRING = 2
+_INT64 = 4
+
+
+def feature_field(view: str, feature: str) -> bytes:
+    """The hash field Feast uses for `view:feature` (murmur3-32, little endian)."""
+    return struct.pack("<I", mmh3.hash(f"{view}:{feature}", signed=False))
+
+
+def ts_field(view: str) -> bytes:
+    return f"_ts:{view}".encode()
+
+
+@lru_cache(maxsize=16)
+def _key_prefix(join_keys: tuple[str, ...]) -> bytes:
+    parts = [struct.pack("<I", len(join_keys))]
+    for k in join_keys:
+        raw = k.encode()
+        parts += [struct.pack("<II", _STRING, len(raw)), raw]
+    return b"".join(parts)
+
+
+def entity_keys(project: str, columns: dict[str, np.ndarray]) -> list[bytes]:
+    """Redis keys for int64 entity rows, e.g. {"user_id": users, "item_id": items}.
+
+    Equal to Feast's `serialize_entity_key(..., 3) + project` for every row (tested against it).
+    """
+    names = tuple(sorted(columns))
+    n = len(next(iter(columns.values())))
+    # One record per row: for every key (sorted by name) type, length, int64 value.
+    dtype = np.dtype([(f"{p}{i}", "<u4" if p != "v" else "<i8") for i in range(len(names)) for p in ("t", "l", "v")])
+    rec = np.empty(n, dtype=dtype)
+    for i, name in enumerate(names):
+        rec[f"t{i}"] = _INT64
+        rec[f"l{i}"] = 8
+        rec[f"v{i}"] = np.asarray(columns[name], dtype=np.int64)
+    prefix = _key_prefix(names)
+    suffix = project.encode()
+    raw = rec.tobytes()
+    width = dtype.itemsize
+    return [prefix + raw[i * width : (i + 1) * width] + suffix for i in range(n)]
+
+
+@lru_cache(maxsize=64)
+def float_list_header(dim: int) -> bytes:
+    """Bytes that precede `dim` packed float32 values in a serialized float_list Value."""
+    full = Value(float_list_val=FloatList(val=[0.0] * dim)).SerializeToString()
+    return full[: len(full) - 4 * dim]
+
+
+def encode_float_lists(matrix: np.ndarray) -> list[bytes]:
+    """Serialize each row of a [n, d] matrix as a Feast float_list Value."""
+    m = np.ascontiguousarray(matrix, dtype="<f4")
+    n, d = m.shape
+    header = np.frombuffer(float_list_header(d), dtype=np.uint8)
+    buf = np.empty((n, len(header) + 4 * d), dtype=np.uint8)
+    buf[:, : len(header)] = header
+    buf[:, len(header) :] = m.view(np.uint8).reshape(n, 4 * d)
+    raw = buf.tobytes()
+    w = buf.shape[1]
+    return [raw[i * w : (i + 1) * w] for i in range(n)]
+
+
+class LayoutError(ValueError):
+    """A stored value is not the float_list Value of the expected dimension."""
+
+
+def decode_float_lists(values: list[bytes | None], dim: int) -> tuple[np.ndarray, list[int]]:
+    """Decode stored Values into a [n, dim] float32 matrix; rows that are None become NaN.
+
+    Returns the matrix and the indices of the missing rows.
+    """
+    header = float_list_header(dim)
+    width = len(header) + 4 * dim
+    present = [i for i, v in enumerate(values) if v is not None]
+    out = np.full((len(values), dim), np.nan, dtype=np.float32)
+    if present:
+        blob = b"".join([values[i] for i in present])  # type: ignore[misc]
+        if len(blob) != width * len(present):
+            raise LayoutError(f"stored embeddings are not {dim}-d float_list values")
+        rows = np.frombuffer(blob, dtype=np.uint8).reshape(len(present), width)
+        if not (rows[:, : len(header)] == np.frombuffer(header, dtype=np.uint8)).all():
+            raise LayoutError(f"stored embeddings are not {dim}-d float_list values")
+        out[present] = rows[:, len(header) :].copy().view("<f4")
+    missing = [i for i, v in enumerate(values) if v is None]
+    return out, missing
+
+
+def encode_timestamp_us(ts_us: int) -> bytes:
+    t = Timestamp()
+    t.FromMicroseconds(int(ts_us))
+    return t.SerializeToString()

@@ -1,0 +1,130 @@
+"""The Feast repo on disk and the manifest of FM versions it is built from.
+
+The files are the truth: `feature_repo/definitions.py` builds every Feast object from
+`data/fm_versions.yaml` (one entry per FM version) and from the expert config files in
+`data/experts/`, so a plain `feast apply` re-registers everything foundex ever published and
+nothing lives only in the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field
+
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+
+VERSION_RE = re.compile(r"^v[1-9][0-9]*$")
+
+
+def view_name(version: str) -> str:
+    """The Feast feature view holding one FM version's TAEs."""
+    return f"fm_tae_{version}"
+
+
+class FMVersion(BaseModel):
+    version: str = Field(pattern=VERSION_RE.pattern)
+    dim: int = Field(gt=0)
+    checkpoint: str  # path relative to the repo's data dir
+    digest: str  # sha256 of the checkpoint file
+    status: Literal["active", "retired"] = "active"
+    training_window: tuple[str, str]  # ISO timestamps [start, end)
+    ttl_seconds: int = Field(default=7 * 86400, gt=0)
+    created_at: str
+    description: str = ""
+
+
+class Manifest(BaseModel):
+    versions: dict[str, FMVersion] = {}
+
+    def active(self) -> list[FMVersion]:
+        return [v for v in self.versions.values() if v.status == "active"]
+
+    def next_version(self) -> str:
+        nums = [int(v[1:]) for v in self.versions]
+        return f"v{max(nums, default=0) + 1}"
+
+
+@dataclass(frozen=True)
+class FeatureRepo:
+    """Paths of one Feast repo and the state foundex keeps beside it under `data/`."""
+
+    path: Path
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data / "fm_versions.yaml"
+
+    @property
+    def experts_dir(self) -> Path:
+        return self.data / "experts"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.data / "events"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.data / "checkpoints"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data / "models"
+
+    def tae_dir(self, version: str) -> Path:
+        return self.data / f"tae_{version}"
+
+    @property
+    def project(self) -> str:
+        cfg = yaml.safe_load((self.path / "feature_store.yaml").read_text())
+        return str(cfg["project"])
+
+    def load_manifest(self) -> Manifest:
+        if not self.manifest_path.exists():
+            return Manifest()
+        raw = yaml.safe_load(self.manifest_path.read_text()) or {}
+        return Manifest.model_validate(raw)
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self.data.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".yaml.tmp")
+        tmp.write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=True))
+        os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class FeastApplyError(RuntimeError):
+    pass
+
+
+def feast_env(redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[FEAST_ENV] = feast_connection_string(redis_url)
+    return env
+
+
+def feast_apply(repo: FeatureRepo, redis_url: str) -> str:
+    """Run `feast apply` on the repo exactly as a user would, with the Redis address exported."""
+    feast_bin = Path(sys.executable).with_name("feast")
+    cmd = [str(feast_bin) if feast_bin.exists() else "feast", "apply"]
+    proc = subprocess.run(
+        cmd, cwd=repo.path, env=feast_env(redis_url), capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise FeastApplyError(f"feast apply failed in {repo.path}:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

@@ -1,0 +1,113 @@
+"""foundex's bulk encoders produce exactly Feast's Redis bytes, and read what Feast writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+from feast.protos.feast.types.Value_pb2 import FloatList, Value
+
+from store_bridge.feast_layout import (
+    LayoutError,
+    decode_float_lists,
+    encode_float_lists,
+    entity_keys,
+    feature_field,
+)
+
+
+def test_entity_keys_match_feast():
+    users = np.array([0, 7, -3, 2**40], dtype=np.int64)
+    items = np.array([5, 0, 11, 3], dtype=np.int64)
+    ours = entity_keys("foundex", {"user_id": users, "item_id": items})
+    for u, i, key in zip(users, items, ours, strict=True):
+        ek = EntityKey(
+            join_keys=["user_id", "item_id"],
+            entity_values=[Value(int64_val=int(u)), Value(int64_val=int(i))],
+        )
+        assert key == serialize_entity_key(ek, entity_key_serialization_version=3) + b"foundex"
+
+
+def test_feature_field_matches_feast():
+    assert feature_field("fm_tae_v1", "embedding") == _mmh3("fm_tae_v1:embedding")
+
+
+@pytest.mark.parametrize("dim", [1, 16, 64, 128, 300])
+def test_float_lists_round_trip_and_match_protobuf(dim):
+    m = np.random.default_rng(dim).normal(size=(5, dim)).astype(np.float32)
+    encoded = encode_float_lists(m)
+    for row, raw in zip(m, encoded, strict=True):
+        assert raw == Value(float_list_val=FloatList(val=row.tolist())).SerializeToString()
+    values = [encoded[0], None, encoded[2], encoded[3], None]
+    out, missing = decode_float_lists(values, dim)
+    assert missing == [1, 4]
+    np.testing.assert_array_equal(out[[0, 2, 3]], m[[0, 2, 3]])
+    assert np.isnan(out[[1, 4]]).all()
+
+
+def test_decode_refuses_other_dimension():
+    raw = encode_float_lists(np.zeros((1, 8), dtype=np.float32))
+    with pytest.raises(LayoutError, match="16-d"):
+        decode_float_lists(raw, 16)
+
+
+def test_online_store_interoperates_with_feast(redis_url, feature_repo):
+    """Rows written by foundex are read by FeatureStore, and the reverse."""
+    from feast import FeatureStore
+
+    from store_bridge.online import RedisEmbeddingStore
+    from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+    from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply
+
+    repo = FeatureRepo(feature_repo)
+    yaml_path = feature_repo / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("project: foundex", "project: layout_t"))
+    repo.save_manifest(
+        Manifest(
+            versions={
+                "v1": FMVersion(
+                    version="v1", dim=8, checkpoint="x.pt", digest="d",
+                    training_window=("2026-01-01", "2026-01-02"), created_at="2026-01-02",
+                )
+            }
+        )
+    )
+    feast_apply(repo, redis_url)
+    store = RedisEmbeddingStore(redis_client(redis_url), "layout_t")
+    m = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    ts = np.full(3, 1_767_571_200_000_000, dtype=np.int64)
+    store.write("v1", np.array([1, 1, 2]), np.array([10, 11, 10]), ts, m)
+
+    import os
+
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    fs = FeatureStore(repo_path=str(feature_repo))
+    got = fs.get_online_features(
+        ["fm_tae_v1:embedding"],
+        entity_rows=[{"user_id": 1, "item_id": 11}, {"user_id": 9, "item_id": 9}],
+    ).to_dict()
+    np.testing.assert_allclose(got["embedding"][0], m[1])
+    assert got["embedding"][1] is None
+
+    fs.write_to_online_store(
+        "fm_tae_v1",
+        pd.DataFrame(
+            {
+                "user_id": [5],
+                "item_id": [6],
+                "embedding": [np.arange(8, dtype=np.float32).tolist()],
+                "event_timestamp": [pd.Timestamp("2026-01-03", tz="UTC")],
+            }
+        ),
+    )
+    rows = store.read("v1", 8, 5, np.array([6, 7]))
+    np.testing.assert_array_equal(rows.matrix[0], np.arange(8, dtype=np.float32))
+    assert rows.missing == [1]
+
+    # An older write never rolls a newer stored value back.
+    older = np.full(1, 1_767_000_000_000_000, dtype=np.int64)
+    assert store.write("v1", np.array([1]), np.array([10]), older, np.zeros((1, 8), np.float32)) == 0
+    np.testing.assert_array_equal(store.read("v1", 8, 1, np.array([10])).matrix[0], m[0])
