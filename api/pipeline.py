@@ -1,0 +1,270 @@
+"""The end-to-end job behind `foundex demo`: data -> FM versions -> logging -> experts -> NE.
+
+Every stage goes through the real parts: parquet on disk, `feast apply`, Redis in Feast's layout,
+DuckDB point-in-time joins, and the same expert code the service scores with.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experts import (
+    ExpertConfig,
+    add_recent_history,
+    evaluate,
+    recent_history,
+    save_expert,
+    save_expert_config,
+    train_expert,
+)
+from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec
+from store_bridge.events.synthetic import SyntheticConfig, generate, write_dataset
+from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
+from store_bridge.fm_tier import load_tae_function
+from store_bridge.logging_tier import LogReport, log_version, prepare_impressions
+from store_bridge.online import RedisEmbeddingStore
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+from store_bridge.repo import FeatureRepo, feast_apply
+from store_bridge.training_set import expert_training_set
+from store_bridge.versions import publish
+
+HISTORY_SNAPSHOT_LEN = 32
+
+
+@dataclass
+class DemoSize:
+    synthetic: SyntheticConfig
+    fm_max_history: int = 64
+    fm_max_steps: int | None = None
+    expert_epochs: int = 3
+
+    @classmethod
+    def default(cls) -> DemoSize:
+        return cls(SyntheticConfig())
+
+    @classmethod
+    def tiny(cls) -> DemoSize:
+        return cls(
+            SyntheticConfig(n_users=60, n_items=80, n_categories=6, days=8),
+            fm_max_history=16,
+            expert_epochs=1,
+        )
+
+
+@dataclass
+class DemoReport:
+    windows: dict[str, tuple[str, str]]
+    fm_ne: dict[str, dict[str, float]] = field(default_factory=dict)  # version -> task -> NE
+    expert_ne: dict[str, dict[str, float]] = field(default_factory=dict)  # expert -> task -> NE
+    experts: dict[str, str | None] = field(default_factory=dict)  # expert -> fm_version
+    logging: list[LogReport] = field(default_factory=list)
+    unseen_tasks: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def reset_state(repo: FeatureRepo, redis_url: str) -> None:
+    """Forget earlier demo state: `feast apply` on an empty manifest drops the old views'
+    online rows (Feast deletes a removed view's rows itself), then the files go."""
+    if repo.manifest_path.exists() or repo.experts_dir.exists():
+        repo.manifest_path.unlink(missing_ok=True)
+        shutil.rmtree(repo.experts_dir, ignore_errors=True)
+        feast_apply(repo, redis_url)
+    for path in [repo.checkpoints_dir, repo.models_dir, repo.events_dir]:
+        shutil.rmtree(path, ignore_errors=True)
+    for tae in repo.data.glob("tae_v*"):
+        shutil.rmtree(tae, ignore_errors=True)
+
+
+def time_windows(events: pd.DataFrame) -> dict[str, tuple[pd.Timestamp, pd.Timestamp]]:
+    """FM trains on the first 60% of the log; experts train on the next 20%, are judged on the
+    last 20% (always a later window than anything they or the FM trained on)."""
+    t0, t1 = events[EVENT_TIMESTAMP].min(), events[EVENT_TIMESTAMP].max() + pd.Timedelta(1, "us")
+    span = t1 - t0
+    fm_end, expert_end = (t0 + span * 0.6).floor("s"), (t0 + span * 0.8).floor("s")
+    return {"fm": (t0, fm_end), "expert_train": (fm_end, expert_end), "eval": (expert_end, t1)}
+
+
+def write_user_history(repo: FeatureRepo, events: pd.DataFrame, as_of: pd.Timestamp) -> Path:
+    """Each user's most recent events as of `as_of`: the expert's short-term input at serving."""
+    users = np.sort(events["user_id"].unique())
+    ts = np.full(len(users), as_of.value // 1000, dtype=np.int64)
+    items, actions = recent_history(events, users, ts, HISTORY_SNAPSHOT_LEN)
+    frame = pd.DataFrame(
+        {
+            "user_id": users,
+            "recent_items": list(items),
+            "recent_actions": list(actions),
+            EVENT_TIMESTAMP: pd.Series([as_of] * len(users)).astype("datetime64[us, UTC]"),
+        }
+    )
+    path = repo.data / "user_history.parquet"
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def run_demo(
+    repo: FeatureRepo,
+    redis_url: str,
+    size: DemoSize,
+    *,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> DemoReport:
+    import os
+
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    clock: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        clock[name] = round(now - t, 2)
+        t = now
+
+    say("1/7 synthetic events")
+    reset_state(repo, redis_url)
+    events, items, spec = generate(size.synthetic)
+    write_dataset(repo.events_dir, events, items, spec)
+    shutil.copyfile(repo.events_dir / "items.parquet", repo.data / "items.parquet")
+    windows = time_windows(events)
+    report = DemoReport(
+        windows={k: (a.isoformat(), b.isoformat()) for k, (a, b) in windows.items()},
+        unseen_tasks=list(spec.unseen_tasks),
+    )
+    say(f"    {len(events):,} impressions, {spec.n_users} users, {spec.n_items} items")
+    feast_apply(repo, redis_url)
+    lap("data")
+
+    say("2/7 FM training (small v1, large v2), one streaming pass each")
+    fm_start, fm_end = windows["fm"]
+    fm_kw = dict(
+        n_items=spec.n_items,
+        surfaces=spec.surfaces,
+        main_tasks=spec.main_tasks,
+        aux_tasks={s: spec.fm_aux_tasks(s) for s in spec.surfaces},
+        n_actions=spec.n_actions,
+        max_history=size.fm_max_history,
+    )
+    versions = {}
+    for label, config in [("small", FMConfig.small(**fm_kw)), ("large", FMConfig.large(**fm_kw))]:
+        result = train_streaming(
+            events, config, end=fm_end, max_steps=size.fm_max_steps, progress=progress
+        )
+        ckpt = repo.data / "training" / f"fm_{label}.pt"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(result.model, ckpt, {"steps": result.steps, "label": label})
+        entry = publish(
+            repo,
+            ckpt,
+            redis_url,
+            training_window=(fm_start.isoformat(), fm_end.isoformat()),
+            description=f"{label} FM, {result.steps} steps",
+        )
+        versions[entry.version] = entry
+        say(f"    published {entry.version} ({label}, dim {entry.dim}, {result.seconds:.1f}s)")
+    lap("fm_train")
+
+    say("3/7 logging TAEs of every active version (offline parquet + Redis)")
+    store = RedisEmbeddingStore(redis_client(redis_url, timeout=30), repo.project)
+    histories = UserHistories.from_events(events, spec.surfaces)
+    logged = events[events[EVENT_TIMESTAMP] >= fm_end]
+    impressions = prepare_impressions(logged)
+    for entry in versions.values():
+        rep = log_version(
+            repo, store, entry.version, load_tae_function(repo, entry, histories), impressions,
+            progress=progress,
+        )
+        report.logging.append(rep)
+        say(f"    {entry.version}: {rep.rows:,} rows, {rep.rows_per_s:,.0f} rows/s")
+    lap("logging")
+
+    say("4/7 item features and user histories online (feast materialize)")
+    end = windows["eval"][1]
+    write_user_history(repo, events, end)
+    from feast import FeatureStore
+
+    fs = FeatureStore(repo_path=str(repo.path))
+    fs.materialize(
+        start_date=(events[EVENT_TIMESTAMP].min() - pd.Timedelta(days=1)).to_pydatetime(),
+        end_date=(end + pd.Timedelta(seconds=1)).to_pydatetime(),
+        feature_views=[ITEM_VIEW, USER_HISTORY_VIEW],
+    )
+    lap("materialize")
+
+    say("5/7 experts: configs pinned to each version, plus a no-FM baseline")
+    surface = spec.surfaces[0]
+    tasks = list(spec.surface_tasks[surface])
+    configs = [
+        ExpertConfig(
+            name=f"{surface}_{v}", surface=surface, tasks=tasks, fm_version=v,
+            epochs=size.expert_epochs, description=f"{surface} expert on FM {v}",
+        )
+        for v in versions
+    ] + [
+        ExpertConfig(
+            name=f"{surface}_nofm", surface=surface, tasks=tasks, fm_version=None,
+            epochs=size.expert_epochs, description="baseline without FM embeddings",
+        )
+    ]
+    for cfg in configs:
+        save_expert_config(cfg, repo.experts_dir)
+    feast_apply(repo, redis_url)
+    lap("expert_configs")
+
+    say("6/7 point-in-time training sets and expert training")
+    rows = events[(events["surface"] == surface) & (events[EVENT_TIMESTAMP] >= fm_end)]
+    labels = rows[["user_id", "item_id", EVENT_TIMESTAMP, "surface", *tasks]]
+    split = windows["eval"][0]
+    repo.models_dir.mkdir(parents=True, exist_ok=True)
+    for cfg in configs:
+        entry = versions.get(cfg.fm_version) if cfg.fm_version else None
+        frame = expert_training_set(repo, labels, entry, cfg.item_features)
+        frame = add_recent_history(frame, events, cfg.history_length)
+        train = frame[frame[EVENT_TIMESTAMP] < split]
+        test = frame[frame[EVENT_TIMESTAMP] >= split]
+        model = train_expert(
+            cfg, train, n_items=spec.n_items, n_categories=spec.n_categories,
+            n_actions=spec.n_actions, tae_dim=entry.dim if entry else None, progress=progress,
+        )
+        save_expert(model, cfg, repo.models_dir / f"{cfg.name}.pt")
+        report.expert_ne[cfg.name] = evaluate(model, test)
+        report.experts[cfg.name] = cfg.fm_version
+    lap("experts")
+
+    say("7/7 FM NE on the evaluation window")
+    for v, entry in versions.items():
+        from fm import load_checkpoint
+
+        model, _ = load_checkpoint(repo.data / entry.checkpoint)
+        report.fm_ne[v] = evaluate_fm(model, events, model.config, *windows["eval"])
+    lap("fm_eval")
+    report.seconds = clock
+    return report
+
+
+def ne_table(report: DemoReport) -> str:
+    """Markdown table: NE per task for every expert (lower is better; 1.0 = base rate)."""
+    names = list(report.expert_ne)
+    tasks: list[str] = []
+    for ne in report.expert_ne.values():
+        tasks.extend(t for t in ne if t not in tasks)
+    head = "| task | " + " | ".join(f"{n} ({report.experts[n] or 'no FM'})" for n in names) + " |"
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    for task in tasks:
+        mark = " (unseen by FM)" if task in report.unseen_tasks else ""
+        cells = [f"{report.expert_ne[n].get(task, float('nan')):.4f}" for n in names]
+        lines.append(f"| {task}{mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def spec_of(repo: FeatureRepo) -> DatasetSpec:
+    return DatasetSpec.load(repo.events_dir / "spec.json")

@@ -1,0 +1,123 @@
+"""The demo pipeline at tiny size, end to end, and what it leaves behind for Feast and the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+
+FOUNDEX = [sys.executable, "-m", "api.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], redis_url: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, REDIS_URL=redis_url)
+    return subprocess.run(FOUNDEX + args, cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_demo_report(demo_repo):
+    repo, report = demo_repo
+    assert set(report.fm_ne) == {"v1", "v2"}
+    assert len(report.expert_ne) == 3 and None in report.experts.values()
+    for ne in report.expert_ne.values():
+        assert ne and all(math.isfinite(x) and x > 0 for x in ne.values()), ne
+    unseen = report.unseen_tasks[0]
+    assert all(unseen in ne for ne in report.expert_ne.values())  # experts learn it; the FM never does
+    assert all(unseen not in ne for ne in report.fm_ne.values())
+    assert {r.version for r in report.logging} == {"v1", "v2"}
+    assert all(r.rows > 0 and r.online_written > 0 for r in report.logging)
+    assert report.windows["expert_train"][0] == report.windows["fm"][1]
+
+
+def test_feast_reads_what_the_demo_wrote(demo_repo, redis_url):
+    from feast import FeatureStore
+
+    repo, _ = demo_repo
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    tae = pd.read_parquet(repo.tae_dir("v1"))
+    latest = tae.sort_values("event_timestamp").drop_duplicates(["user_id", "item_id"], keep="last")
+    sample = latest.head(20)
+    fs = FeatureStore(repo_path=str(repo.path))
+    got = fs.get_online_features(
+        ["fm_tae_v1:embedding"],
+        entity_rows=[{"user_id": int(u), "item_id": int(i)} for u, i in zip(sample.user_id, sample.item_id, strict=True)],
+    ).to_dict()
+    for want, have in zip(sample["embedding"], got["embedding"], strict=True):
+        np.testing.assert_allclose(have, want, rtol=0, atol=1e-6)
+    # the historical path reads the same offline files through the view's glob source
+    entity = sample[["user_id", "item_id", "event_timestamp"]].reset_index(drop=True)
+    hist = fs.get_historical_features(entity_df=entity, features=["fm_tae_v1:embedding"]).to_df()
+    assert hist["embedding"].notna().all() and len(hist) == len(entity)
+
+
+def test_feast_apply_again_keeps_versions_and_experts(demo_repo, redis_url):
+    from feast import FeatureStore
+
+    repo, report = demo_repo
+    env = dict(os.environ, **{FEAST_ENV: feast_connection_string(redis_url)})
+    proc = subprocess.run(["feast", "apply"], cwd=repo.path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    fs = FeatureStore(repo_path=str(repo.path))
+    views = {v.name: v for v in fs.list_feature_views()}
+    assert {"fm_tae_v1", "fm_tae_v2", "item_features", "user_history"} <= set(views)
+    assert views["fm_tae_v2"].tags["dim"] == "64" and views["fm_tae_v1"].tags["status"] == "active"
+    services = {s.name: s for s in fs.list_feature_services()}
+    assert set(report.experts) <= set(services)
+    for name, version in report.experts.items():
+        pinned = [p.name for p in services[name].feature_view_projections if p.name.startswith("fm_tae_")]
+        assert pinned == ([f"fm_tae_{version}"] if version else [])
+
+
+def test_cli_lists_and_refuses_retiring_a_pinned_version(demo_repo, redis_url):
+    repo, report = demo_repo
+    out = run_cli(["fm", "list", "--repo", str(repo.path)], redis_url)
+    assert out.returncode == 0, out.stderr
+    assert "v1\tactive" in out.stdout and "v2\tactive" in out.stdout
+    out = run_cli(["fm", "retire", "v1", "--repo", str(repo.path)], redis_url)
+    assert out.returncode == 2
+    pinned = [n for n, v in report.experts.items() if v == "v1"]
+    assert all(n in out.stderr for n in pinned) and "--force" in out.stderr
+    assert repo.load_manifest().versions["v1"].status == "active"
+
+
+def test_cli_training_set(demo_repo, redis_url, tmp_path):
+    repo, report = demo_repo
+    name = next(n for n, v in report.experts.items() if v == "v2")
+    tae = pd.read_parquet(repo.tae_dir("v2")).head(30)
+    entities = tae[["user_id", "item_id", "event_timestamp"]].assign(click=1.0)
+    entities.to_parquet(tmp_path / "labels.parquet")
+    out = run_cli(
+        ["training-set", "--expert", name, "--entities", str(tmp_path / "labels.parquet"),
+         "--out", str(tmp_path / "ts.parquet"), "--repo", str(repo.path)],
+        redis_url,
+    )
+    assert out.returncode == 0, out.stderr
+    ts = pd.read_parquet(tmp_path / "ts.parquet")
+    assert len(ts) == 30 and ts["embedding"].notna().all()
+    np.testing.assert_allclose(np.stack(ts["embedding"]), np.stack(tae["embedding"]), atol=0)
+    bad = run_cli(
+        ["training-set", "--expert", "nope", "--entities", str(tmp_path / "labels.parquet"),
+         "--out", str(tmp_path / "x.parquet"), "--repo", str(repo.path)],
+        redis_url,
+    )
+    assert bad.returncode == 2 and "unknown expert 'nope'" in bad.stderr
+
+
+def test_expert_pinning_unknown_version_fails_feast_apply(feature_repo, redis_url):
+    from experts import ExpertConfig, save_expert_config
+    from store_bridge.repo import FeastApplyError, FeatureRepo, feast_apply
+
+    repo = FeatureRepo(feature_repo)
+    save_expert_config(
+        ExpertConfig(name="orphan", surface="feed", tasks=["click"], fm_version="v7"), repo.experts_dir
+    )
+    with pytest.raises(FeastApplyError, match="pins FM version 'v7'"):
+        feast_apply(repo, redis_url)
