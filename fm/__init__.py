@@ -1,0 +1,26 @@
+"""fm: the foundation model. HSTU over lifelong cross-surface histories -> target-aware embeddings.
+
+Pure modelling code (torch/numpy/pandas only): nothing here knows about the feature store.
+"""
+
+from fm.checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint
+from fm.config import FMConfig
+from fm.history import UserHistories
+from fm.inference import TAEEngine
+from fm.metrics import normalized_entropy
+from fm.model import FoundationModel
+from fm.train import TrainResult, evaluate_fm, train_streaming
+
+__all__ = [
+    "FMConfig",
+    "FoundationModel",
+    "UserHistories",
+    "TAEEngine",
+    "TrainResult",
+    "train_streaming",
+    "evaluate_fm",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_digest",
+    "normalized_entropy",
+]

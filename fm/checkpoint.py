@@ -1,0 +1,78 @@
+"""Checkpoints: config + weights (+ training extras) in one torch.save file.
+
+Contents are plain dicts/tensors/str/int/float/lists, so `torch.load(weights_only=True)` reads
+them. Same contents give the same bytes, so a published checkpoint's sha256 (`checkpoint_digest`) identifies the FM version's weights.
+`serving=True` writes the pruned serving artifact: only what computing a TAE needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fm.config import FMConfig
+from fm.model import FoundationModel
+
+FORMAT = "foundex-fm/1"
+
+
+def save_checkpoint(
+    model: FoundationModel,
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+    *,
+    serving: bool = False,
+) -> Path:
+    """Write atomically (tmp + rename) so a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if not (serving and FoundationModel.is_head_param(k))
+    }
+    payload = {
+        "format": FORMAT,
+        "serving": serving,
+        "config": model.config.to_dict(),
+        "state_dict": state,
+        "extra": extra or {},
+    }
+    # Serialise in memory: torch.save names the archive after the file, so writing to the path
+    # directly would make the bytes (and the digest) depend on the file name.
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[FoundationModel, dict[str, Any]]:
+    """-> (model in eval mode, extra). Serving artifacts load without their (absent) heads."""
+    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
+    model = FoundationModel(FMConfig.from_dict(payload["config"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    bad = [k for k in missing if not (payload["serving"] and model.is_head_param(k))]
+    if bad or unexpected:
+        raise ValueError(f"checkpoint/model mismatch: missing={bad} unexpected={unexpected}")
+    model.eval()
+    return model, payload["extra"]
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 hex of the checkpoint file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

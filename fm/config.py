@@ -1,0 +1,73 @@
+"""FMConfig: everything needed to rebuild a FoundationModel (and nothing that needs the store)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class FMConfig:
+    # dataset-given fields
+    n_items: int
+    surfaces: list[str]
+    main_tasks: list[str]  # shared by every surface, trained on the main head over the TAE
+    aux_tasks: dict[str, list[str]]  # surface -> surface-specific tasks (main tasks excluded)
+    n_actions: int  # action ids lie in [0, n_actions)
+    # model size
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 2
+    max_history: int = 64
+    dropout: float = 0.0
+    # training
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_requests: int = 64
+    task_weights: dict[str, float] = field(default_factory=dict)  # missing task -> 1.0
+    seed: int = 0
+    # The FIXED length N that SiLU attention is divided by. A target sees at most max_history
+    # history tokens plus itself, hence max_history + 1. Dividing by the batch's longest
+    # sequence instead would make a TAE depend on who else is in the batch.
+    attn_norm_len: int | None = None
+    n_hours: int = 24
+    n_time_buckets: int = 32  # log2-bucketed time gaps, bucket 0 = "no history"
+
+    def __post_init__(self) -> None:
+        if self.attn_norm_len is None:
+            self.attn_norm_len = self.max_history + 1
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        unknown = set(self.aux_tasks) - set(self.surfaces)
+        if unknown:
+            raise ValueError(f"aux_tasks names surfaces not in `surfaces`: {sorted(unknown)}")
+        clash = {t for ts in self.aux_tasks.values() for t in ts} & set(self.main_tasks)
+        if clash:
+            raise ValueError(f"aux_tasks must exclude main tasks, found {sorted(clash)}")
+
+    @classmethod
+    def small(cls, **kw: Any) -> FMConfig:
+        return cls(**{"d_model": 32, "n_layers": 2, "n_heads": 2, **kw})
+
+    @classmethod
+    def large(cls, **kw: Any) -> FMConfig:
+        return cls(**{"d_model": 64, "n_layers": 3, "n_heads": 4, **kw})
+
+    @property
+    def fm_tasks(self) -> list[str]:
+        """Every task the FM trains on: main tasks, then aux tasks in surface order, no repeats."""
+        tasks = list(self.main_tasks)
+        for s in self.surfaces:
+            tasks.extend(t for t in self.aux_tasks.get(s, []) if t not in tasks)
+        return tasks
+
+    def task_weight(self, task: str) -> float:
+        return float(self.task_weights.get(task, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FMConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,173 @@
+"""Streaming training: one pass over time-ordered requests, checkpoints along the way.
+
+Each batch is scored before the model learns from it (progressive validation), so the NE the
+pass reports is an honest out-of-sample number, as in online streaming training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from fm.batching import Requests
+from fm.checkpoint import load_checkpoint, save_checkpoint
+from fm.config import FMConfig
+from fm.history import UserHistories
+from fm.metrics import NEAccumulator
+from fm.model import FoundationModel
+
+_CKPT = re.compile(r"step_(\d+)\.pt$")
+
+
+@dataclass
+class TrainResult:
+    model: FoundationModel
+    ne: dict[str, float]  # progressive-validation NE per FM task over the whole pass
+    steps: int
+    seconds: float
+    checkpoints: list[Path] = field(default_factory=list)  # written by this call
+
+
+def _utc(ts: Any) -> pd.Timestamp:
+    ts = pd.Timestamp(ts)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The `step_*.pt` file with the highest step in the folder, if any."""
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(checkpoint_dir).glob("step_*.pt")
+        if (m := _CKPT.search(p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def _update_ne(acc: dict[str, NEAccumulator], outputs: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    for t, (logits, y) in outputs.items():
+        acc[t].update(y.detach().cpu().numpy(), torch.sigmoid(logits).detach().cpu().numpy())
+
+
+def train_streaming(
+    events: pd.DataFrame,
+    config: FMConfig,
+    *,
+    end: pd.Timestamp | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 200,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """One pass of AdamW over request-shaped batches of events with timestamp < end.
+
+    max_steps caps the total step count (resumed steps included). If checkpoint_dir holds a
+    checkpoint, training resumes after its step with its optimizer and NE state.
+    """
+    t0 = time.perf_counter()
+    if end is not None:
+        events = events[events["event_timestamp"] < _utc(end)]
+    torch.manual_seed(config.seed)
+    histories = UserHistories.from_events(events, config.surfaces)
+    requests = Requests.from_events(events, config)
+    model = FoundationModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    acc = {t: NEAccumulator() for t in config.fm_tasks}
+    step = 0
+
+    resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume is not None:
+        loaded, extra = load_checkpoint(resume)
+        model.load_state_dict(loaded.state_dict())
+        opt.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["rng_state"])
+        acc = {t: NEAccumulator.from_state(s) for t, s in extra["ne_state"].items()}
+        step = int(extra["step"])
+
+    bs = config.batch_requests
+    n_steps = math.ceil(len(requests) / bs)
+    if max_steps is not None:
+        n_steps = min(n_steps, max_steps)
+
+    def checkpoint() -> Path:
+        assert checkpoint_dir is not None
+        extra = {
+            "step": step,
+            "n_requests": min(step * bs, len(requests)),
+            "optimizer": opt.state_dict(),
+            "rng_state": torch.get_rng_state(),
+            "ne_state": {t: a.state() for t, a in acc.items()},
+        }
+        return save_checkpoint(model, Path(checkpoint_dir) / f"step_{step:08d}.pt", extra)
+
+    written: list[Path] = []
+    shown = config.main_tasks[:3]
+    bar = tqdm(total=n_steps, initial=min(step, n_steps), disable=not progress, desc="fm train")
+    model.train()
+    while step < n_steps:
+        batch = requests.batch(step * bs, min((step + 1) * bs, len(requests)), histories, config)
+        tae = model(batch)
+        outputs = model.task_outputs(batch, tae)
+        if config.dropout > 0:  # score with the eval-mode model, as serving would
+            model.eval()
+            with torch.no_grad():
+                _update_ne(acc, model.task_outputs(batch, model(batch)))
+            model.train()
+        else:
+            _update_ne(acc, outputs)
+        loss, _ = model.loss_from_outputs(outputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+
+        bar.update(1)
+        if step % 10 == 0 or step == n_steps:
+            bar.set_postfix({f"ne_{t}": f"{acc[t].value():.4f}" for t in shown})
+        if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == n_steps):
+            written.append(checkpoint())
+    bar.close()
+
+    model.eval()
+    return TrainResult(
+        model=model,
+        ne={t: a.value() for t, a in acc.items()},
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        checkpoints=written,
+    )
+
+
+@torch.no_grad()
+def evaluate_fm(
+    model: FoundationModel,
+    events: pd.DataFrame,
+    config: FMConfig,
+    start: pd.Timestamp,
+    end: pd.Timestamp,
+    *,
+    batch_requests: int = 256,
+) -> dict[str, float]:
+    """NE per FM task on requests in [start, end), each using history from ALL earlier events."""
+    histories = UserHistories.from_events(events, config.surfaces)
+    ts = events["event_timestamp"]
+    window = events[(ts >= _utc(start)) & (ts < _utc(end))]
+    requests = Requests.from_events(window, config)
+    acc = {t: NEAccumulator() for t in config.fm_tasks}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for lo in range(0, len(requests), batch_requests):
+        batch = requests.batch(lo, min(lo + batch_requests, len(requests)), histories, config)
+        batch = batch.to(device)
+        _update_ne(acc, model.task_outputs(batch, model(batch)))
+    model.train(was_training)
+    return {t: a.value() for t, a in acc.items()}
