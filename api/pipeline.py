@@ -198,6 +198,11 @@ def run_demo(
         end_date=(end + pd.Timedelta(seconds=1)).to_pydatetime(),
         feature_views=[ITEM_VIEW, USER_HISTORY_VIEW],
     )
+    # Feast's DuckDB store reads through ibis's default backend; dropping it lets its DuckDB
+    # connection close now rather than at interpreter exit (where nanobind reports leaks).
+    import ibis
+
+    ibis.options.default_backend = None
     lap("materialize")
 
     say("5/7 experts: configs pinned to each version, plus a no-FM baseline")

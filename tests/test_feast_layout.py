@@ -111,3 +111,21 @@ def test_online_store_interoperates_with_feast(redis_url, feature_repo):
     older = np.full(1, 1_767_000_000_000_000, dtype=np.int64)
     assert store.write("v1", np.array([1]), np.array([10]), older, np.zeros((1, 8), np.float32)) == 0
     np.testing.assert_array_equal(store.read("v1", 8, 1, np.array([10])).matrix[0], m[0])
+
+
+def test_feast_apply_on_a_fresh_repo(feature_repo, redis_url):
+    """`feast apply` by hand on the repo as cloned (no data yet) succeeds and registers the
+    fixed objects; there are no FM versions until one is published."""
+    import os
+    import subprocess
+
+    from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+
+    env = dict(os.environ, **{FEAST_ENV: feast_connection_string(redis_url)})
+    proc = subprocess.run(["feast", "apply"], cwd=feature_repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listed = subprocess.run(
+        ["feast", "feature-views", "list"], cwd=feature_repo, env=env, capture_output=True, text=True
+    )
+    assert "item_features" in listed.stdout and "user_history" in listed.stdout
+    assert "fm_tae_" not in listed.stdout
