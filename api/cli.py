@@ -13,7 +13,7 @@ import typer
 from api.settings import Settings
 
 # ibis (under Feast's DuckDB store) warns about its own use of a deprecated DuckDB call.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module="ibis")
+warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated")
 
 app = typer.Typer(
     help="foundex: a Feast-centred embedding service for the Foundation-Expert paradigm.",
