@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 fm_app = typer.Typer(help="FM versions: publish, list, retire.", no_args_is_help=True)
 app.add_typer(fm_app, name="fm")
+bench_app = typer.Typer(
+    help="Benchmarks: peers side by side in one run, a table, then one JSON object as the last line.",
+    no_args_is_help=True,
+)
+app.add_typer(bench_app, name="bench")
 
 RepoOpt = Annotated[
     Path | None, typer.Option("--repo", help="Feast repo (default: $FOUNDEX_REPO or feature_repo)")
