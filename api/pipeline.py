@@ -25,8 +25,9 @@ from experts import (
     train_expert,
 )
 from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
+from store_bridge.events.files import write_dataset
 from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec
-from store_bridge.events.synthetic import SyntheticConfig, generate, write_dataset
+from store_bridge.events.synthetic import SyntheticConfig, generate
 from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
 from store_bridge.fm_tier import load_tae_function
 from store_bridge.logging_tier import LogReport, log_version, prepare_impressions

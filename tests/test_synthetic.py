@@ -10,14 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from store_bridge.events.files import read_dataset, write_dataset
 from store_bridge.events.schema import EVENT_TIMESTAMP, KEY_COLUMNS, validate_events
-from store_bridge.events.synthetic import (
-    ACTION_BITS,
-    SyntheticConfig,
-    generate,
-    read_dataset,
-    write_dataset,
-)
+from store_bridge.events.synthetic import ACTION_BITS, SyntheticConfig, generate
 
 SMALL = SyntheticConfig(n_users=100, days=7)
 

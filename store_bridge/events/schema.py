@@ -71,6 +71,16 @@ class DatasetSpec:
         return cls(**json.loads(path.read_text()))
 
 
+ITEM_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("category", pa.int64()),
+        ("quality", pa.float32()),
+        (EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
 def event_arrow_schema(tasks: list[str]) -> pa.Schema:
     return pa.schema(
         [

@@ -20,18 +20,14 @@ The generative story, chosen so that a long history carries signal beyond the la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from store_bridge.events.schema import (
     EVENT_TIMESTAMP,
     DatasetSpec,
     as_microseconds,
-    event_arrow_schema,
     validate_events,
 )
 
@@ -53,14 +49,6 @@ SURFACE_CLICK_BIAS = np.array([0.0, 0.4, -0.4])  # search intent clicks more, no
 SURFACE_INTEREST_GAIN = np.array([1.0, 1.4, 0.8])  # search relevance matters more
 SURFACE_RELEVANT_SHARE = np.array([0.5, 0.67, 0.34])  # share of candidates from the interest
 
-ITEM_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.int64()),
-        ("category", pa.int64()),
-        ("quality", pa.float32()),
-        (EVENT_TIMESTAMP, pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 _US_PER_SECOND = 1_000_000
 _US_PER_DAY = 86_400 * _US_PER_SECOND
@@ -400,38 +388,3 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
     )
     validate_events(events, spec)
     return events, items_df, spec
-
-
-def write_dataset(
-    out_dir: Path, events: pd.DataFrame, items: pd.DataFrame, spec: DatasetSpec
-) -> None:
-    """Write events.parquet, items.parquet and spec.json with exact (microsecond) dtypes."""
-    validate_events(events, spec)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    schema = event_arrow_schema(spec.all_tasks)
-    table = pa.Table.from_pandas(events[schema.names], schema=schema, preserve_index=False)
-    pq.write_table(table, out_dir / "events.parquet")
-    items_table = pa.Table.from_pandas(
-        items[ITEM_SCHEMA.names], schema=ITEM_SCHEMA, preserve_index=False
-    )
-    pq.write_table(items_table, out_dir / "items.parquet")
-    spec.save(out_dir / "spec.json")
-
-
-def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
-    table = pq.read_table(path, schema=schema)
-    df = table.to_pandas()
-    # Keep microseconds whatever pandas/pyarrow would pick by default.
-    df[EVENT_TIMESTAMP] = as_microseconds(df[EVENT_TIMESTAMP])
-    return df
-
-
-def read_dataset(data_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, DatasetSpec]:
-    """Read what `write_dataset` wrote, with the same dtypes, and validate the event log."""
-    data_dir = Path(data_dir)
-    spec = DatasetSpec.load(data_dir / "spec.json")
-    events = _read_table(data_dir / "events.parquet", event_arrow_schema(spec.all_tasks))
-    items = _read_table(data_dir / "items.parquet", ITEM_SCHEMA)
-    validate_events(events, spec)
-    return events, items, spec
