@@ -81,9 +81,6 @@ def demo(
     )
     typer.echo("\nNE per task on the evaluation window " f"{report.windows['eval'][0]} .. {report.windows['eval'][1]}")
     typer.echo(ne_table(report))
-    typer.echo("\nFM NE on the same window: " + json.dumps(
-        {v: {t: round(x, 4) for t, x in ne.items()} for v, ne in report.fm_ne.items()}
-    ))
     typer.echo(f"stage seconds: {json.dumps(report.seconds)}")
     typer.echo(f"demo wall time: {time.perf_counter() - t0:.1f}s")
     typer.echo(f"serve it with: foundex serve --repo {settings.repo}")
@@ -274,6 +271,27 @@ def training_set(
     frame.to_parquet(out, index=False)
     n_missing = int(frame["embedding"].isna().sum()) if "embedding" in frame else 0
     typer.echo(f"wrote {len(frame):,} rows to {out} ({n_missing:,} without an embedding)")
+
+
+@fm_app.command("gc")
+def fm_gc(version: str, repo: RepoOpt = None) -> None:
+    """Delete a RETIRED version for good: its online rows, offline files, checkpoint and
+    manifest entry, then `feast apply` removes its view (refused for an active version)."""
+    from store_bridge.repo import FeastApplyError, FeatureRepo
+    from store_bridge.versions import VersionError, gc
+
+    settings = _settings(repo)
+    try:
+        rep = gc(
+            FeatureRepo(settings.repo), version, _redis(settings),
+            pinned_by=_pinned_by(settings, version),
+        )
+    except (VersionError, FeastApplyError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"gc {version}: {rep.online_rows:,} online rows, {rep.offline_files:,} offline files, "
+        f"checkpoint {'removed' if rep.checkpoint_removed else 'absent'}; view fm_tae_{version} gone"
+    )
 
 
 if __name__ == "__main__":

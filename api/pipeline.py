@@ -24,9 +24,10 @@ from experts import (
     save_expert_config,
     train_expert,
 )
+from experts.metrics import transfer_ratio
 from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
 from store_bridge.events.files import write_dataset
-from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec
+from store_bridge.events.schema import EVENT_TIMESTAMP
 from store_bridge.events.synthetic import SyntheticConfig, generate
 from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
 from store_bridge.fm_tier import load_tae_function
@@ -258,19 +259,34 @@ def run_demo(
 
 
 def ne_table(report: DemoReport) -> str:
-    """Markdown table: NE per task for every expert (lower is better; 1.0 = base rate)."""
+    """Markdown table: NE per task for every expert and FM version (lower is better; 1.0 = the
+    base rate), and the Transfer Ratio from the first FM version to the second."""
     names = list(report.expert_ne)
+    versions = list(report.fm_ne)
     tasks: list[str] = []
     for ne in report.expert_ne.values():
         tasks.extend(t for t in ne if t not in tasks)
-    head = "| task | " + " | ".join(f"{n} ({report.experts[n] or 'no FM'})" for n in names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
+    pinned = {v: next((n for n in names if report.experts[n] == v), None) for v in versions}
+    tr_cols = len(versions) == 2 and all(pinned.values())
+    head = ["task", *(f"{n} ({report.experts[n] or 'no FM'})" for n in names)]
+    head += [f"FM {v}" for v in versions]
+    if tr_cols:
+        head.append(f"TR {versions[0]}->{versions[1]}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x: float) -> str:
+        return "-" if x != x else f"{x:.4f}"  # NaN: the FM has no head for this task
+
     for task in tasks:
         mark = " (unseen by FM)" if task in report.unseen_tasks else ""
-        cells = [f"{report.expert_ne[n].get(task, float('nan')):.4f}" for n in names]
+        cells = [fmt(report.expert_ne[n].get(task, float("nan"))) for n in names]
+        cells += [fmt(report.fm_ne[v].get(task, float("nan"))) for v in versions]
+        if tr_cols:
+            v1, v2 = versions
+            tr = transfer_ratio(
+                report.expert_ne[pinned[v1]][task], report.expert_ne[pinned[v2]][task],
+                report.fm_ne[v1].get(task, float("nan")), report.fm_ne[v2].get(task, float("nan")),
+            )
+            cells.append(fmt(tr))
         lines.append(f"| {task}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def spec_of(repo: FeatureRepo) -> DatasetSpec:
-    return DatasetSpec.load(repo.events_dir / "spec.json")

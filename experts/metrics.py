@@ -1,29 +1,22 @@
-"""Offline quality of an expert: Normalized Entropy (NE), the paradigm's yardstick.
+"""Offline quality of an expert: Normalized Entropy (NE) and the Transfer Ratio (TR).
 
-NE = mean binary cross-entropy / entropy of the labels' base rate. 1.0 is what always predicting
-the base rate scores; lower is better. (The fm package keeps its own copy: the two ship apart.)
+NE = mean binary cross-entropy / entropy of the labels' base rate (1.0 = always predicting the
+base rate; lower is better). It is the FM's own metric, imported so both sides score alike.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-EPS = 1e-7
+from fm.metrics import normalized_entropy
+
+__all__ = ["normalized_entropy", "transfer_ratio"]
 
 
-def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
-    """NE over the rows whose label is not NaN; nan if none or if the labels are all 0 or all 1."""
-    y = np.asarray(labels, dtype=np.float64).ravel()
-    p = np.asarray(probs, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"labels {y.shape} and probs {p.shape} differ in shape")
-    keep = ~np.isnan(y)
-    y, p = y[keep], np.clip(p[keep], EPS, 1 - EPS)
-    if len(y) == 0:
+def transfer_ratio(expert_ne_1: float, expert_ne_2: float, fm_ne_1: float, fm_ne_2: float) -> float:
+    """How much of an FM's NE gain from version 1 to 2 reaches the expert:
+    TR = (NE(expert on FM1) - NE(expert on FM2)) / (NE(FM1) - NE(FM2)); nan if the FMs tie."""
+    fm_gain = fm_ne_1 - fm_ne_2
+    if not math.isfinite(fm_gain) or abs(fm_gain) < 1e-12:
         return float("nan")
-    base = y.mean()
-    if base <= 0.0 or base >= 1.0:
-        return float("nan")
-    ce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    base_entropy = -(base * np.log(base) + (1 - base) * np.log(1 - base))
-    return float(ce / base_entropy)
+    return (expert_ne_1 - expert_ne_2) / fm_gain

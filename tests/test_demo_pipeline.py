@@ -35,6 +35,11 @@ def test_demo_report(demo_repo):
     assert {r.version for r in report.logging} == {"v1", "v2"}
     assert all(r.rows > 0 and r.online_written > 0 for r in report.logging)
     assert report.windows["expert_train"][0] == report.windows["fm"][1]
+    from api.pipeline import ne_table
+
+    table = ne_table(report)
+    assert "TR v1->v2" in table and f"{unseen} (unseen by FM)" in table
+    assert len(table.splitlines()) == 2 + len(next(iter(report.expert_ne.values())))
 
 
 def test_feast_reads_what_the_demo_wrote(demo_repo, redis_url):

@@ -36,3 +36,11 @@ def test_undefined_cases_are_nan():
 
 def test_extreme_probabilities_are_clipped():
     assert math.isfinite(normalized_entropy(np.array([1.0, 0.0]), np.array([0.0, 1.0])))
+
+
+def test_transfer_ratio():
+    from experts.metrics import transfer_ratio
+
+    assert math.isclose(transfer_ratio(0.90, 0.88, 0.80, 0.76), 0.5)
+    assert math.isclose(transfer_ratio(0.90, 0.86, 0.80, 0.76), 1.0)
+    assert math.isnan(transfer_ratio(0.9, 0.8, 0.7, 0.7))
