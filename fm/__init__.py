@@ -6,9 +6,10 @@ Pure modelling code (torch/numpy/pandas only): nothing here knows about the feat
 from fm.checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint
 from fm.config import FMConfig
 from fm.history import UserHistories
-from fm.inference import TAEEngine
+from fm.inference import HistoryCache, TAEEngine
 from fm.metrics import normalized_entropy
 from fm.model import FoundationModel
+from fm.ops import register_default_backends
 from fm.train import TrainResult, evaluate_fm, train_streaming
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "FoundationModel",
     "UserHistories",
     "TAEEngine",
+    "HistoryCache",
     "TrainResult",
     "train_streaming",
     "evaluate_fm",
@@ -24,3 +26,5 @@ __all__ = [
     "checkpoint_digest",
     "normalized_entropy",
 ]
+
+register_default_backends()  # the Triton kernel on CUDA; the PyTorch reference elsewhere

@@ -32,10 +32,18 @@ class FMConfig:
     attn_norm_len: int | None = None
     n_hours: int = 24
     n_time_buckets: int = 32  # log2-bucketed time gaps, bucket 0 = "no history"
+    # Width of the optional per-item content vector (the multi-modal stand-in) that f() reads
+    # next to the item id; 0 = none. The matrix itself [n_items, content_dim] is given to
+    # FoundationModel and kept as a buffer (so checkpoints and serving artifacts carry it).
+    content_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.attn_norm_len is None:
             self.attn_norm_len = self.max_history + 1
+        if self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.content_dim < 0:
+            raise ValueError(f"content_dim must be >= 0, got {self.content_dim}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         unknown = set(self.aux_tasks) - set(self.surfaces)

@@ -3,16 +3,153 @@
 Rows are grouped by (user, request time, surface). Each group's history is encoded once
 (per-layer K/V), then all its candidates attend to that cached history plus themselves, so M
 candidates cost about one forward pass, not M. Many groups share one forward.
+
+Across requests, an optional `HistoryCache` keeps each user's encoded history (per-layer K/V)
+and reuses it while the user's history as of the request time is unchanged. The encoded history
+is a function of the history events alone (positions are relative to the last event), so a hit
+gives the same TAEs as encoding again. The check is a fingerprint of the history as of the
+request: (events of the user strictly before it, kept length, time of the last event). When the
+user's history grows, the fingerprint changes and the entry is replaced. This assumes an
+append-only event log (events are added, never rewritten).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
 import numpy as np
 import torch
+from torch import Tensor
 
-from fm.batching import collate
+from fm.batching import Batch, collate
 from fm.history import UserHistories, surface_codes
-from fm.model import FoundationModel
+from fm.model import FoundationModel, HistoryState
+
+Fingerprint = tuple[int, int, int]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0  # entries replaced because the user's history changed
+    evictions: int = 0  # entries dropped to stay within max_bytes
+
+
+@dataclass
+class _Entry:
+    fingerprint: Fingerprint
+    kv: list[tuple[Tensor, Tensor]]  # per layer: k, v [H, n, dh], n = the history's length
+    nbytes: int
+
+
+class HistoryCache:
+    """Per-user encoded histories (per-layer K/V), LRU within a byte budget.
+
+    One entry per user: the newest history seen for them. `get` returns it only when the
+    fingerprint matches; a request with a grown history drops it (and refills it).
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.nbytes = 0
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, user_id: int) -> bool:
+        return int(user_id) in self._entries
+
+    def fingerprint(self, user_id: int) -> Fingerprint | None:
+        e = self._entries.get(int(user_id))
+        return None if e is None else e.fingerprint
+
+    def get(self, user_id: int, fingerprint: Fingerprint) -> list[tuple[Tensor, Tensor]] | None:
+        """The user's cached K/V if it encodes exactly this history, else None.
+
+        A request whose history is newer than the entry (the history grew, or the log was
+        rewritten) drops the entry; an older one (a backfill) misses and leaves it be.
+        """
+        user_id = int(user_id)
+        e = self._entries.get(user_id)
+        if e is not None and e.fingerprint == fingerprint:
+            self._entries.move_to_end(user_id)
+            self.stats.hits += 1
+            return e.kv
+        self.stats.misses += 1
+        if e is not None and fingerprint[0] >= e.fingerprint[0]:
+            self._drop(user_id)
+            self.stats.invalidations += 1
+        return None
+
+    def put(self, user_id: int, fingerprint: Fingerprint, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Keep the user's newest history: an older one never replaces a newer entry."""
+        user_id = int(user_id)
+        e = self._entries.get(user_id)
+        if e is not None:
+            if e.fingerprint[0] > fingerprint[0]:
+                return
+            self._drop(user_id)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if nbytes > self.max_bytes:
+            return
+        self._entries[user_id] = _Entry(fingerprint, kv, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            old = next(iter(self._entries))
+            self._drop(old)
+            self.stats.evictions += 1
+
+    def invalidate(self, user_id: int | None = None) -> None:
+        """Forget one user (or everyone)."""
+        if user_id is None:
+            self._entries.clear()
+            self.nbytes = 0
+        elif int(user_id) in self._entries:
+            self._drop(int(user_id))
+
+    def _drop(self, user_id: int) -> None:
+        self.nbytes -= self._entries.pop(user_id).nbytes
+
+
+def history_fingerprints(
+    histories: UserHistories, user_ids: np.ndarray, ts_us: np.ndarray, max_len: int
+) -> np.ndarray:
+    """int64 [Q, 3]: (user's events strictly before ts, kept length, last event time or -1)."""
+    end, length = histories.lookup(user_ids, ts_us, max_len)
+    out = np.full((len(end), 3), -1, dtype=np.int64)
+    if len(histories.users) == 0 or len(end) == 0:
+        out[:, :2] = 0
+        return out
+    u = np.searchsorted(histories.users, user_ids)
+    known = (u < len(histories.users)) & (
+        histories.users[np.minimum(u, len(histories.users) - 1)] == user_ids
+    )
+    start = histories.offsets[np.where(known, u, 0)]
+    out[:, 0] = np.where(known, end - start, 0)
+    out[:, 1] = length
+    has = length > 0
+    out[:, 2] = np.where(has, histories.ts_us[np.maximum(end - 1, 0)], -1)
+    return out
+
+
+def _select(batch: Batch, idx: Tensor) -> Batch:
+    """Rows idx of a batch, history trimmed to their longest."""
+    n = int(batch.hist_len[idx].max()) if len(idx) else 0
+    parts = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if v is None:
+            parts[f.name] = None
+            continue
+        v = v[idx]
+        if f.name.startswith("hist_") and f.name != "hist_len":
+            v = v[:, :n]
+        parts[f.name] = v
+    return Batch(**parts)
 
 
 class TAEEngine:
@@ -24,12 +161,23 @@ class TAEEngine:
         *,
         max_groups: int = 512,  # requests per forward
         max_rows: int = 16384,  # candidates per forward (bounds padding memory)
+        history_cache: HistoryCache | bool | None = None,
     ) -> None:
+        """history_cache: True (a fresh `HistoryCache`), or one to share; None/False: none."""
         self.model = model.to(device).eval()
         self.config = model.config
         self.histories = histories
         self.device = torch.device(device)
         self.max_groups, self.max_rows = max_groups, max_rows
+        if history_cache is True:
+            history_cache = HistoryCache()
+        # (an empty HistoryCache is falsy through __len__: compare with None, not truthiness)
+        self.cache: HistoryCache | None = None if history_cache in (None, False) else history_cache
+
+    def set_histories(self, histories: UserHistories) -> None:
+        """Swap in a newer event log. Cached users whose history as of a later request is
+        unchanged stay valid (fingerprints compare history, not row positions)."""
+        self.histories = histories
 
     @property
     def dim(self) -> int:
@@ -79,12 +227,47 @@ class TAEEngine:
                 surf[rows],
                 hours[rows],
             ).to(self.device)
-            state = self.model.encode_history(batch)  # history once per group
+            users, times = u[starts[g0:g1]], t[starts[g0:g1]]
+            state = self._history_state(batch, users, times)  # history once per group
             tae = self.model.encode_targets(batch, state)  # [G, M, d]
             # tgt_mask is row-major over (group, candidate): same order as `rows`
             out[rows] = tae[batch.tgt_mask].float().cpu().numpy()
             g0 = g1
         return out
+
+    def _history_state(self, batch: Batch, users: np.ndarray, times: np.ndarray) -> HistoryState:
+        if self.cache is None:
+            return self.model.encode_history(batch)
+        fps = history_fingerprints(self.histories, users, times, self.config.max_history)
+        keys = [tuple(int(x) for x in fp) for fp in fps]
+        kv_rows = [self.cache.get(int(us), fp) for us, fp in zip(users, keys, strict=True)]
+        miss = [i for i, kv in enumerate(kv_rows) if kv is None]
+        fresh = None
+        if miss:
+            sub = _select(batch, torch.as_tensor(miss, device=batch.hist_len.device))
+            fresh = self.model.encode_history(sub)
+            for j, i in enumerate(miss):
+                n = int(sub.hist_len[j])
+                kv = [(k[j, :, :n].clone(), v[j, :, :n].clone()) for k, v in fresh.kv]
+                self.cache.put(int(users[i]), keys[i], kv)
+                kv_rows[i] = kv
+            if len(miss) == len(users):  # nothing reused: the fresh state is the batch's
+                return fresh
+        # Pad the per-user K/V back into one [G, H, N, dh] tensor per layer.
+        n_hist = batch.n_hist
+        kv_layers = []
+        for layer in range(len(self.model.layers)):
+            k0, _ = kv_rows[0][layer]
+            H, dh = k0.shape[0], k0.shape[-1]
+            shape = (len(users), H, n_hist, dh)
+            K = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+            V = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+            for i, kv in enumerate(kv_rows):
+                k, v = kv[layer]
+                K[i, :, : k.shape[1]] = k
+                V[i, :, : v.shape[1]] = v
+            kv_layers.append((K, V))
+        return HistoryState(kv=kv_layers, hist_len=batch.hist_len)
 
     def compute_request(
         self, user_id: int, ts_us: int, surface: str, hour: int, item_ids: np.ndarray

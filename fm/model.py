@@ -1,5 +1,6 @@
 """FoundationModel: HSTU over [history | targets] -> one target-aware embedding (TAE) per target.
 
+    f(item, ctx)    = e_item + MLP([e_item, surface, hour, content_vector(item) if configured])
     history token x_i = f(item_i, context_i) + action_i + recency_rank_i + time_gap_i
     target token  y_j = f(item_j, context_j) + gap(request time - last history event)
     TAE_j         = LN(HSTU(x_0..x_{N-1}, y_0..y_{M-1})[N + j])
@@ -25,20 +26,30 @@ from fm.layers import HSTULayer
 
 
 class ItemContext(nn.Module):
-    """f(item, context): item-id embedding with surface and hour through a small MLP."""
+    """f(item, context): item-id embedding with surface, hour and (optionally) the item's
+    content vector, through a small MLP."""
 
-    def __init__(self, config: FMConfig) -> None:
+    def __init__(self, config: FMConfig, item_content: Tensor | None = None) -> None:
         super().__init__()
-        d = config.d_model
+        d, c = config.d_model, config.content_dim
         self.item = nn.Embedding(config.n_items, d)
         self.surface = nn.Embedding(len(config.surfaces), d)
         self.hour = nn.Embedding(config.n_hours, d)
-        self.mlp = nn.Sequential(nn.Linear(3 * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        self.mlp = nn.Sequential(nn.Linear(3 * d + c, 2 * d), nn.SiLU(), nn.Linear(2 * d, d))
+        if item_content is not None and not c:
+            raise ValueError("item_content given but config.content_dim is 0")
+        # a buffer, not a parameter: given data, saved with the weights, never trained
+        self.register_buffer("content", torch.zeros(config.n_items, c) if c else None)
+        if c and item_content is not None:
+            self.content.copy_(item_content)
 
     def forward(self, item: Tensor, surface: Tensor, hour: Tensor) -> Tensor:
         """item, surface, hour: [...] long -> [..., d]."""
         e = self.item(item)
-        return e + self.mlp(torch.cat([e, self.surface(surface), self.hour(hour)], dim=-1))
+        parts = [e, self.surface(surface), self.hour(hour)]
+        if self.content is not None:
+            parts.append(self.content[item])
+        return e + self.mlp(torch.cat(parts, dim=-1))
 
 
 class AlignmentModule(nn.Module):
@@ -63,12 +74,28 @@ class HistoryState:
     hist_len: Tensor  # [B]
 
 
+def as_content_matrix(item_content: object, config: FMConfig) -> Tensor | None:
+    """A float32 [n_items, content_dim] tensor from an array-like, checked against config."""
+    if item_content is None:
+        return None
+    if not config.content_dim:
+        raise ValueError("item_content given but config.content_dim is 0")
+    t = torch.as_tensor(item_content, dtype=torch.float32)
+    want = (config.n_items, config.content_dim)
+    if t.shape != want:
+        raise ValueError(f"item_content must be {list(want)}, got {list(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("item_content has non-finite values")
+    return t
+
+
 class FoundationModel(nn.Module):
-    def __init__(self, config: FMConfig) -> None:
+    def __init__(self, config: FMConfig, item_content: object = None) -> None:
+        """item_content: optional float [n_items, config.content_dim] (array or tensor)."""
         super().__init__()
         self.config = config
         d = config.d_model
-        self.embed = ItemContext(config)
+        self.embed = ItemContext(config, as_content_matrix(item_content, config))
         self.action = nn.Embedding(config.n_actions, d)
         self.rank = nn.Embedding(config.max_history, d)
         self.hist_gap = nn.Embedding(config.n_time_buckets, d)

@@ -9,13 +9,16 @@ Attention is HSTU's pointwise SiLU divided by a FIXED length (not softmax, not t
 so a token's output depends only on the tokens it may see.
 
 `target_aware_attention` and `cached_target_attention` are the dispatch points: they pick a
-backend by device. Only the PyTorch reference exists now; a fused Triton kernel registers
-itself with `register_backend("cuda", ...)` and is tested against the reference.
+backend by device. The PyTorch reference serves every device without a registered backend;
+the fused Triton kernel (`fm.triton_attention`) registers itself for "cuda" through
+`register_default_backends` when CUDA and triton are available, and is tested against the
+reference (on CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -28,23 +31,30 @@ def target_aware_mask(n_hist: int, n_tgt: int, hist_len: Tensor) -> Tensor:
     L = n_hist + n_tgt
     pos = torch.arange(L, device=hist_len.device)
     q, k = pos[:, None], pos[None, :]  # [L, 1], [1, L]
+    # [L, L] parts, shared by the batch: causal inside the history, everything for targets
+    allowed = (k <= q) | (q >= n_hist)
+    tgt_self = (k == q) & (q >= n_hist)  # a target also sees itself (never another target)
     valid_key = k < hist_len[:, None, None]  # [B, 1, L]: a real (non-padding) history token
-    hist_row = (q < n_hist) & (k <= q)  # [L, L] causal inside the history block
-    tgt_row = q >= n_hist  # [L, 1]
-    mask = (hist_row & valid_key) | (tgt_row & (valid_key | (k == q)))
-    return mask  # [B, L, L]
+    return (valid_key & allowed) | tgt_self  # [B, L, L]
+
+
+def _needs_grad(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def hstu_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, norm_len: int) -> Tensor:
     """Reference HSTU attention. q, k, v: [B, H, L, dh]; mask: [B, L, L] bool -> [B, H, L, dh].
 
-    weights = silu(q k^T / sqrt(dh)) * mask / norm_len ; out = weights @ v
+    weights = silu(q k^T / sqrt(dh)) * mask ; out = (weights @ v) / norm_len
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    w = F.silu(torch.einsum("bhqd,bhkd->bhqk", q, k) * scale)  # [B, H, L, L]
-    # where(), not multiply: a masked-out value must not leak even as 0 * inf = nan.
-    w = torch.where(mask[:, None], w, torch.zeros((), dtype=w.dtype, device=w.device))
-    return torch.einsum("bhqk,bhkd->bhqd", w / norm_len, v)
+    s = torch.einsum("bhqd,bhkd->bhqk", q * scale, k)  # [B, H, L, L]
+    # where()/masked_fill, not multiply: a masked-out value must not leak even as 0 * inf = nan.
+    if _needs_grad(q, k, v):
+        w = torch.where(mask[:, None], F.silu(s), torch.zeros((), dtype=s.dtype, device=s.device))
+    else:  # inference: in place, no extra [B, H, L, L] buffers
+        w = F.silu(s, inplace=True).masked_fill_(~mask[:, None], 0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", w, v) / norm_len
 
 
 def cached_target_attention_reference(
@@ -64,11 +74,14 @@ def cached_target_attention_reference(
     scale = 1.0 / math.sqrt(q_t.shape[-1])
     n = k_h.shape[2]
     valid = torch.arange(n, device=hist_len.device)[None, :] < hist_len[:, None]  # [B, N]
-    w_h = F.silu(torch.einsum("bhmd,bhnd->bhmn", q_t, k_h) * scale)  # [B, H, M, N]
-    w_h = torch.where(
-        valid[:, None, None], w_h, torch.zeros((), dtype=w_h.dtype, device=w_h.device)
-    )
-    w_self = F.silu((q_t * k_t).sum(-1, keepdim=True) * scale)  # [B, H, M, 1]
+    q_t = q_t * scale
+    s_h = torch.einsum("bhmd,bhnd->bhmn", q_t, k_h)  # [B, H, M, N]
+    if _needs_grad(q_t, k_h, v_h):
+        zero = torch.zeros((), dtype=s_h.dtype, device=s_h.device)
+        w_h = torch.where(valid[:, None, None], F.silu(s_h), zero)
+    else:
+        w_h = F.silu(s_h, inplace=True).masked_fill_(~valid[:, None, None], 0.0)
+    w_self = F.silu((q_t * k_t).sum(-1, keepdim=True))  # [B, H, M, 1]
     return (torch.einsum("bhmn,bhnd->bhmd", w_h, v_h) + w_self * v_t) / norm_len
 
 
@@ -89,15 +102,24 @@ _BACKENDS: dict[str, tuple[JointFn, CachedFn]] = {}
 
 
 def register_backend(device_type: str, joint: JointFn, cached: CachedFn) -> None:
-    """Plug a faster implementation (e.g. a Triton kernel) for tensors on `device_type`."""
+    """Plug a faster forward-only implementation (e.g. a Triton kernel) for tensors on
+    `device_type`; it serves calls that need no gradient (inference)."""
     _BACKENDS[device_type] = (joint, cached)
+
+
+def _backend(device_type: str, *xs: Tensor) -> tuple[JointFn, CachedFn] | None:
+    """The registered backend for the device, unless autograd needs a graph: backends are
+    forward-only kernels, so training always goes through the differentiable reference."""
+    if _needs_grad(*xs):
+        return None
+    return _BACKENDS.get(device_type)
 
 
 def target_aware_attention(
     q: Tensor, k: Tensor, v: Tensor, hist_len: Tensor, n_hist: int, norm_len: int
 ) -> Tensor:
     """q, k, v: [B, H, N + M, dh] over [history | targets] -> [B, H, N + M, dh]."""
-    backend = _BACKENDS.get(q.device.type)
+    backend = _backend(q.device.type, q, k, v)
     fn = backend[0] if backend else target_aware_attention_reference
     return fn(q, k, v, hist_len, n_hist, norm_len)
 
@@ -112,6 +134,21 @@ def cached_target_attention(
     norm_len: int,
 ) -> Tensor:
     """Targets [B, H, M, dh] against cached history [B, H, N, dh] -> [B, H, M, dh]."""
-    backend = _BACKENDS.get(q_t.device.type)
+    backend = _backend(q_t.device.type, q_t, k_t, v_t, k_h, v_h)
     fn = backend[1] if backend else cached_target_attention_reference
     return fn(q_t, k_t, v_t, k_h, v_h, hist_len, norm_len)
+
+
+def register_default_backends() -> bool:
+    """Use the fused Triton kernel on CUDA when both CUDA and triton are there.
+
+    Set FOUNDEX_FM_TRITON=0 to keep the PyTorch reference everywhere. -> True if registered.
+    """
+    if os.environ.get("FOUNDEX_FM_TRITON", "1") == "0" or not torch.cuda.is_available():
+        return False
+    try:
+        from fm import triton_attention
+    except ImportError:  # no triton on this platform: the reference path stays
+        return False
+    triton_attention.register("cuda")
+    return True

@@ -65,11 +65,13 @@ def train_streaming(
     checkpoint_every: int = 200,
     max_steps: int | None = None,
     progress: bool = True,
+    item_content: Any = None,
 ) -> TrainResult:
     """One pass of AdamW over request-shaped batches of events with timestamp < end.
 
     max_steps caps the total step count (resumed steps included). If checkpoint_dir holds a
     checkpoint, training resumes after its step with its optimizer and NE state.
+    item_content: optional float [n_items, config.content_dim], the per-item content vectors.
     """
     t0 = time.perf_counter()
     if end is not None:
@@ -77,7 +79,7 @@ def train_streaming(
     torch.manual_seed(config.seed)
     histories = UserHistories.from_events(events, config.surfaces)
     requests = Requests.from_events(events, config)
-    model = FoundationModel(config)
+    model = FoundationModel(config, item_content)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     acc = {t: NEAccumulator() for t in config.fm_tasks}
     step = 0
