@@ -1,9 +1,10 @@
 """The logging tier: TAEs of every active FM version for logged impressions, offline and online.
 
-Offline rows go to `data/tae_<version>/<YYYY-MM-DD>/part-<job>-<n>.parquet` (what the version's
-Feast source globs); online rows go to Redis in Feast's layout. A job's file names derive from
-its input, and each file is written to a temporary name and renamed, so a job killed mid-way
-and run again replaces its own partial output instead of adding to it.
+Offline rows go to `data/tae_<version>/<YYYY-MM-DD>/part-<job>-r<chunk rows>-<n>.parquet` (what
+the version's Feast source globs); online rows go to Redis in Feast's layout. A job's file names
+derive from its input, and each file is written to a temporary name and renamed, so a job killed
+mid-way and run again replaces (or skips) its own output instead of adding to it: exactly one
+offline row per (user, item, time) and version.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LogReport:
     online_written: int
     files: int
     seconds: float
+    skipped_chunks: int = 0  # chunks an earlier run of the same job had completed
 
     @property
     def rows_per_s(self) -> float:
@@ -90,6 +92,25 @@ def prepare_impressions(impressions: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _chunk_files(repo: FeatureRepo, version: str, job: str, tag: str, days) -> list[Path]:
+    return [repo.tae_dir(version) / str(day) / f"part-{job}-{tag}.parquet" for day in days]
+
+
+def _clear_other_runs(repo: FeatureRepo, version: str, job: str, chunk_rows: int) -> int:
+    """Delete this job's temp files, and its files from a run that chunked differently
+    (their rows would be written again under other names). Returns how many went."""
+    root = repo.tae_dir(version)
+    if not root.exists():
+        return 0
+    removed = 0
+    keep = f"part-{job}-r{chunk_rows}-"
+    for path in [*root.glob(f"*/.part-{job}-*.tmp"), *root.glob(f"*/part-{job}-*.parquet")]:
+        if not path.name.startswith(keep):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def log_version(
     repo: FeatureRepo,
     store: EmbeddingStore,
@@ -100,36 +121,51 @@ def log_version(
     chunk_rows: int = 20000,
     progress: bool = True,
 ) -> LogReport:
-    """Compute and store one version's TAEs for the impressions (already prepared)."""
+    """Compute and store one version's TAEs for the impressions (already prepared).
+
+    Idempotent and resumable. File names derive from the input (a job id) and the chunk, so a
+    rerun writes to the same names. Per chunk, online rows are written first and the day files
+    last (each atomically renamed into place); a chunk whose every file exists is complete and a
+    rerun skips it, any other chunk is computed and written again over its partial output.
+    """
+    if chunk_rows <= 0:
+        raise ValueError("chunk_rows must be positive")
     t0 = time.perf_counter()
     imp = impressions
     job = _job_id(imp)
+    _clear_other_runs(repo, version, job, chunk_rows)
     ts_us = timestamps_us(imp[EVENT_TIMESTAMP])
     dates = imp[EVENT_TIMESTAMP].dt.strftime("%Y-%m-%d").to_numpy()
-    files = online = 0
+    users = imp["user_id"].to_numpy(np.int64)
+    items = imp["item_id"].to_numpy(np.int64)
+    surfaces, hours = imp["surface"].to_numpy(), imp["hour"].to_numpy()
+    files = online = skipped = 0
     bar = tqdm(total=len(imp), desc=f"log {version}", unit="row", disable=not progress)
     for n, start in enumerate(range(0, len(imp), chunk_rows)):
         sl = slice(start, start + chunk_rows)
-        u = imp["user_id"].to_numpy(np.int64)[sl]
-        i = imp["item_id"].to_numpy(np.int64)[sl]
-        t = ts_us[sl]
-        m = tae_fn(u, i, t, imp["surface"].to_numpy()[sl], imp["hour"].to_numpy()[sl])
+        d = dates[sl]
+        days = np.unique(d)
+        targets = _chunk_files(repo, version, job, f"r{chunk_rows}-{n:05d}", days)
+        if all(p.exists() for p in targets):  # done by an earlier run of this job
+            skipped += 1
+            bar.update(len(d))
+            continue
+        u, i, t = users[sl], items[sl], ts_us[sl]
+        m = np.asarray(tae_fn(u, i, t, surfaces[sl], hours[sl]), dtype=np.float32)
+        if m.ndim != 2 or len(m) != len(u):
+            raise BadEmbeddings(f"FM {version} returned shape {m.shape} for {len(u)} rows")
         bad = ~np.isfinite(m).all(axis=1)
         if bad.any():
             raise BadEmbeddings(
                 f"FM {version} produced NaN/Inf for {int(bad.sum())} of {len(m)} rows "
                 f"(first: user {u[bad][0]}, item {i[bad][0]}); nothing of this chunk was stored"
             )
-        d = dates[sl]
-        for day in np.unique(d):
-            sel = d == day
-            _write_atomic(
-                tae_table(u[sel], i[sel], t[sel], m[sel]),
-                repo.tae_dir(version) / str(day) / f"part-{job}-{n:05d}.parquet",
-            )
-            files += 1
         online += store.write(version, u, i, t, m)
+        for day, path in zip(days, targets, strict=True):
+            sel = d == day
+            _write_atomic(tae_table(u[sel], i[sel], t[sel], m[sel]), path)
+            files += 1
         bar.update(len(u))
         bar.set_postfix(rows_per_s=f"{bar.n / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return LogReport(version, len(imp), online, files, time.perf_counter() - t0)
+    return LogReport(version, len(imp), online, files, time.perf_counter() - t0, skipped)

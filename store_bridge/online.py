@@ -3,6 +3,9 @@
 Reads decode Feast's stored float_list values straight into one float32 matrix (see
 feast_layout); writes produce the bytes Feast itself would, so `get_online_features` reads
 what foundex wrote and foundex reads what `feast materialize` wrote.
+
+The client may be a `redis.Redis` or a `redis.cluster.RedisCluster`: every batch goes through
+the client's non-transactional pipeline, which on a cluster is split per node by key slot.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import redis
+import redis.cluster
 
 from store_bridge.feast_layout import (
     decode_float_lists,
     encode_float_lists,
     encode_timestamp_us,
+    encode_timestamps_us,
+    entity_key_prefix,
     entity_keys,
     feature_field,
     ts_field,
@@ -59,9 +65,10 @@ class EmbeddingStore(ABC):
 
 
 class RedisEmbeddingStore(EmbeddingStore):
-    def __init__(self, client: redis.Redis, project: str) -> None:
+    def __init__(self, client: redis.Redis | redis.cluster.RedisCluster, project: str) -> None:
         self.client = client
         self.project = project
+        self._cas = None  # the registered write script, on first scripted write
 
     def ping(self) -> bool:
         try:
@@ -107,16 +114,56 @@ class RedisEmbeddingStore(EmbeddingStore):
             )
             last[:-1] = ~same_next
         keep = order[last]
+        # One server-side compare-and-set per chunk where all keys may meet in one script call
+        # (a single Redis); on a cluster, keys span slots, so per-node pipelines instead.
+        scripted = not isinstance(self.client, redis.cluster.RedisCluster) and (
+            len(ts_us) == 0 or int(ts_us.min()) >= 0
+        )
         written = 0
         for start in range(0, len(keep), chunk):
             idx = keep[start : start + chunk]
             keys = entity_keys(self.project, {"user_id": user_ids[idx], "item_id": item_ids[idx]})
             values = encode_float_lists(matrix[idx])
             try:
-                written += self._write_chunk(keys, values, ts_us[idx], field, tfield)
+                if scripted:
+                    written += self._write_chunk_scripted(keys, values, ts_us[idx], field, tfield)
+                else:
+                    written += self._write_chunk(keys, values, ts_us[idx], field, tfield)
             except redis.RedisError as e:
                 raise StoreUnavailable(f"redis: {e}") from e
         return written
+
+    def _write_chunk_scripted(self, keys, values, ts_us, field, tfield) -> int:
+        if self._cas is None:
+            self._cas = self.client.register_script(_CAS_WRITE)
+        args: list = [field, tfield]
+        triples = zip(values, ts_us.astype(str).tolist(), encode_timestamps_us(ts_us), strict=True)
+        args.extend(x for triple in triples for x in triple)
+        return int(self._cas(keys=keys, args=args))
+
+    def delete_version(self, version: str, *, batch: int = 2000) -> int:
+        """Remove one version's fields from every (user, item) hash of this project.
+
+        Other versions' fields in the same hashes stay; Redis drops a hash whose last field
+        goes. Returns how many hashes held the version. The same rule as Feast's own
+        `delete_table`, which `feast apply` runs for a view the repo no longer defines.
+        """
+        view = view_name(version)
+        fields = [feature_field(view, EMBEDDING), ts_field(view)]
+        pattern = _glob_escape(entity_key_prefix(["user_id", "item_id"])) + b"*" + _glob_escape(
+            self.project.encode()
+        )
+        deleted = 0
+        try:
+            keys = list(self.client.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), batch):
+                with self.client.pipeline(transaction=False) as pipe:
+                    for k in keys[start : start + batch]:
+                        pipe.hdel(k, *fields)
+                    deleted += sum(1 for n in pipe.execute() if n)
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"redis: {e}") from e
+        return deleted
 
     def _write_chunk(self, keys, values, ts_us, field, tfield) -> int:
         # Two round trips, as Feast's own writer does: read stored event times, then write
@@ -134,6 +181,50 @@ class RedisEmbeddingStore(EmbeddingStore):
                 written += 1
             pipe.execute()
         return written
+
+
+# Compare-and-set of one version's rows, server side: for each key, write the value and the
+# event time (a serialized google.protobuf.Timestamp, as Feast stores it) unless the stored
+# event time is newer. ARGV: value field, time field, then per key: value, time in microseconds
+# (non-negative, below 2^53: exact in Lua's doubles), serialized time.
+_CAS_WRITE = """
+local function decode_ts(raw)
+  local secs, nanos, i, n = 0, 0, 1, #raw
+  while i <= n do
+    local tag = string.byte(raw, i)
+    i = i + 1
+    local v, mult, b = 0, 1, 128
+    while b >= 128 do
+      b = string.byte(raw, i)
+      i = i + 1
+      v = v + (b % 128) * mult
+      mult = mult * 128
+    end
+    if tag == 8 then secs = v elseif tag == 16 then nanos = v end
+  end
+  return secs * 1000000 + math.floor(nanos / 1000)
+end
+local vf, tf = ARGV[1], ARGV[2]
+local written = 0
+for i = 1, #KEYS do
+  local old = redis.call('HGET', KEYS[i], tf)
+  if (not old) or decode_ts(old) <= tonumber(ARGV[3 * i + 1]) then
+    redis.call('HSET', KEYS[i], vf, ARGV[3 * i], tf, ARGV[3 * i + 2])
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """Escape Redis glob metacharacters so binary key bytes match only themselves."""
+    out = bytearray()
+    for b in raw:
+        if b in b"*?[]\\":
+            out.append(ord("\\"))
+        out.append(b)
+    return bytes(out)
 
 
 def _decode_ts_us(raw: bytes) -> int:

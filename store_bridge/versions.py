@@ -1,16 +1,22 @@
-"""FM version lifecycle: publish a checkpoint as a version, list, retire.
+"""FM version lifecycle: publish a checkpoint as a version, list, retire, garbage-collect.
 
 Publishing copies the checkpoint under `data/checkpoints/`, records it in the manifest and runs
-`feast apply`, which registers the version's own `fm_tae_<version>` view.
+`feast apply`, which registers the version's own `fm_tae_<version>` view. Retiring marks it in
+the manifest (and the view's `status` tag). Garbage collection removes a retired version for
+good: its online rows, its offline files, its checkpoint, its manifest entry, and then, through
+`feast apply`, its view.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from fm import checkpoint_digest, load_checkpoint
-from store_bridge.repo import FeatureRepo, FMVersion, feast_apply, now_iso
+from store_bridge.online import RedisEmbeddingStore
+from store_bridge.redis_server import redis_client
+from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply, now_iso
 
 
 class VersionError(ValueError):
@@ -73,3 +79,64 @@ def retire(
     repo.save_manifest(manifest)
     feast_apply(repo, redis_url)
     return manifest.versions[version]
+
+
+@dataclass
+class GCReport:
+    version: str
+    online_rows: int  # (user, item) hashes that held the version
+    offline_files: int
+    checkpoint_removed: bool
+
+
+def gc(repo: FeatureRepo, version: str, redis_url: str, *, pinned_by: list[str]) -> GCReport:
+    """Delete a retired version: online rows, offline files, checkpoint, manifest entry, view.
+
+    Refused for an active version and for one an expert still pins (a forced retire), since
+    `feast apply` could not build that expert's FeatureService without the view. Each step is
+    safe to repeat, and the manifest entry goes only after the data, so a gc that dies half-way
+    is finished by running it again.
+    """
+    entry = get_version(repo, version)
+    if entry.status != "retired":
+        raise VersionError(
+            f"FM version {version} is {entry.status}; retire it first (foundex fm retire {version})"
+        )
+    if pinned_by:
+        raise VersionError(
+            f"FM version {version} is still pinned by experts {', '.join(sorted(pinned_by))}; "
+            "re-pin or remove them before gc"
+        )
+    store = RedisEmbeddingStore(redis_client(redis_url, timeout=30), repo.project)
+    online = store.delete_version(version)
+    tae_dir = repo.tae_dir(version)
+    files = sum(1 for p in tae_dir.rglob("*") if p.is_file()) if tae_dir.exists() else 0
+    shutil.rmtree(tae_dir, ignore_errors=True)
+    checkpoint = (repo.data / entry.checkpoint).resolve()
+    # Only a copy that publish made under data/checkpoints/ is ours to delete.
+    removed = checkpoint.is_file() and checkpoint.is_relative_to(repo.checkpoints_dir.resolve())
+    if removed:
+        checkpoint.unlink()
+    manifest = repo.load_manifest()
+    del manifest.versions[version]
+    repo.save_manifest(manifest)
+    # The view leaves the registry; Feast's apply also deletes the view's online rows itself.
+    feast_apply(repo, redis_url)
+    return GCReport(version, online, files, removed)
+
+
+def validate_pin(manifest: Manifest, fm_version: str, expected_dim: int | None = None) -> None:
+    """Raise ValueError unless `fm_version` is a published, active version of `expected_dim`."""
+    if fm_version not in manifest.versions:
+        known = ", ".join(sorted(manifest.versions)) or "none"
+        raise ValueError(f"pins unknown FM version {fm_version!r} (published: {known})")
+    entry = manifest.versions[fm_version]
+    if entry.status != "active":
+        active = ", ".join(v.version for v in manifest.active()) or "none"
+        raise ValueError(
+            f"pins FM version {fm_version!r}, which is {entry.status} (active: {active})"
+        )
+    if expected_dim is not None and expected_dim != entry.dim:
+        raise ValueError(
+            f"expects {expected_dim}-d embeddings but FM version {fm_version!r} is {entry.dim}-d"
+        )

@@ -129,3 +129,14 @@ def test_feast_apply_on_a_fresh_repo(feature_repo, redis_url):
     )
     assert "item_features" in listed.stdout and "user_history" in listed.stdout
     assert "fm_tae_" not in listed.stdout
+
+
+def test_bulk_timestamps_match_protobuf():
+    from store_bridge.feast_layout import encode_timestamp_us, encode_timestamps_us
+
+    rng = np.random.default_rng(5)
+    edges = [0, 1, 999_999, 1_000_000, 127_000_000, 128_000_000, 1_767_571_200_000_001,
+             2**35 * 10**6 - 1, 2**35 * 10**6, -1, -1_500_000]
+    ts = np.concatenate([rng.integers(0, 2**36 * 10**6, 5000), edges])
+    assert encode_timestamps_us(ts) == [encode_timestamp_us(int(t)) for t in ts]
+    assert encode_timestamps_us(np.array(edges[:-2])) == [encode_timestamp_us(t) for t in edges[:-2]]

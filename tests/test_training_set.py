@@ -137,3 +137,88 @@ def test_equals_feast_get_historical_features(tmp_path, redis_url, feature_repo)
         else:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert sum(e is not None for e in ours["embedding"]) > 10  # the comparison is not vacuous
+
+
+# Two versions in one repo, each with its own TTL, compared with Feast example by example.
+TTL_S = {"v1": 5, "v2": 20}
+
+
+@pytest.fixture(scope="module")
+def two_version_repo(tmp_path_factory, redis_url):
+    import os
+
+    from conftest import copy_feature_repo
+    from feast import FeatureStore
+
+    from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+    from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply
+
+    repo = FeatureRepo(copy_feature_repo(tmp_path_factory.mktemp("pit") / "feature_repo"))
+    repo.save_manifest(
+        Manifest(
+            versions={
+                v: FMVersion(
+                    version=v, dim=3, checkpoint=f"{v}.pt", digest="d", ttl_seconds=ttl,
+                    training_window=("2026-01-01", "2026-01-02"), created_at="2026-01-02",
+                )
+                for v, ttl in TTL_S.items()
+            }
+        )
+    )
+    feast_apply(repo, redis_url)
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    return repo, FeatureStore(repo_path=str(repo.path))
+
+
+tae_rows = st.lists(st.tuples(key, offset), min_size=1, max_size=15, unique_by=lambda r: r)
+# Label rows: free ones, and ones placed on a TAE's time plus an edge (equal time, the TTL of
+# either version exactly, one microsecond past it, one microsecond before the TAE).
+edges = st.sampled_from(
+    [0, -1, TTL_S["v1"] * 1_000_000, TTL_S["v1"] * 1_000_000 + 1,
+     TTL_S["v2"] * 1_000_000, TTL_S["v2"] * 1_000_000 + 1]
+)
+
+
+@pytest.mark.filterwarnings("ignore:fetch_arrow_table")
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    taes=st.fixed_dictionaries({"v1": tae_rows, "v2": tae_rows}),
+    free_labels=st.lists(st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 2)), offset),
+                         max_size=15),
+    placed=st.lists(st.tuples(st.integers(0, 100), edges), min_size=1, max_size=15),
+)
+def test_two_versions_equal_feast_and_oracle(two_version_repo, taes, free_labels, placed):
+    import shutil
+
+    repo, fs = two_version_repo
+    taes = {v: [(u, i, t) for (u, i), t in rows] for v, rows in taes.items()}
+    labels = [(u, i, t) for (u, i), t in free_labels]
+    all_taes = taes["v1"] + taes["v2"]
+    labels += [(all_taes[k % len(all_taes)][0], all_taes[k % len(all_taes)][1],
+                all_taes[k % len(all_taes)][2] + d) for k, d in placed]
+    for v, rows in taes.items():
+        shutil.rmtree(repo.tae_dir(v), ignore_errors=True)
+        write_taes(repo.tae_dir(v), rows)
+    frame = labels_frame(labels)
+    theirs = fs.get_historical_features(
+        entity_df=frame, features=["fm_tae_v1:embedding", "fm_tae_v2:embedding"],
+        full_feature_names=True,
+    ).to_df()
+    theirs = theirs.sort_values("click").reset_index(drop=True)
+    assert len(theirs) == len(labels)
+    for v, rows in taes.items():
+        ours = point_in_time_join(
+            frame, tae_glob=repo.tae_dir(v) / "*" / "*.parquet", ttl_seconds=TTL_S[v]
+        )
+        want = oracle(rows, labels, TTL_S[v] * 1_000_000)
+        for n, (a, b, w) in enumerate(
+            zip(ours["embedding"], theirs[f"fm_tae_{v}__embedding"], want, strict=True)
+        ):
+            b = None if b is None or (np.isscalar(b) and pd.isna(b)) or len(b) == 0 else b
+            where = f"{v} label {labels[n]}"
+            if w is None:
+                assert a is None, where
+                assert b is None, where + " (feast)"
+            else:
+                assert a is not None and a[0] == w, where
+                assert b is not None and np.asarray(b)[0] == w, where + " (feast)"

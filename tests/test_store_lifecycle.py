@@ -1,0 +1,161 @@
+"""FM version lifecycle on a real Redis: gc removes a retired version's rows, files, checkpoint
+and view, keeps every other version's rows in the same hashes, and refuses active versions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store_bridge.feast_layout import entity_keys, feature_field, ts_field
+from store_bridge.logging_tier import tae_table
+from store_bridge.online import RedisEmbeddingStore
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply
+from store_bridge.versions import VersionError, gc, retire, validate_pin
+
+ROOT = Path(__file__).resolve().parent.parent
+T0 = 1_767_571_200_000_000
+DIM = 8
+
+
+def _version(v: str, status: str = "active", dim: int = DIM) -> FMVersion:
+    return FMVersion(
+        version=v, dim=dim, checkpoint=f"checkpoints/{v}.pt", digest=f"digest-{v}", status=status,
+        training_window=("2026-01-01T00:00:00", "2026-01-02T00:00:00"), created_at="2026-01-02",
+    )
+
+
+def _setup(feature_repo: Path, redis_url: str, project: str):
+    """Two versions, v1 and v2, with online rows sharing hashes and offline files each."""
+    yaml_path = feature_repo / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("project: foundex", f"project: {project}"))
+    repo = FeatureRepo(feature_repo)
+    repo.save_manifest(Manifest(versions={"v1": _version("v1"), "v2": _version("v2")}))
+    repo.checkpoints_dir.mkdir(parents=True)
+    for v in ("v1", "v2"):
+        (repo.checkpoints_dir / f"{v}.pt").write_bytes(b"not a real checkpoint")
+    feast_apply(repo, redis_url)
+    store = RedisEmbeddingStore(redis_client(redis_url), project)
+    rng = np.random.default_rng(0)
+    users, items = np.repeat(np.arange(5), 4), np.tile(np.arange(4), 5)  # 20 keys
+    ts = np.full(len(users), T0, dtype=np.int64)
+    m1 = rng.normal(size=(20, DIM)).astype(np.float32)
+    m2 = rng.normal(size=(20, DIM)).astype(np.float32)
+    assert store.write("v1", users, items, ts, m1) == 20
+    # v2 has only the first 12 keys: the other 8 hashes hold v1 alone and must vanish.
+    assert store.write("v2", users[:12], items[:12], ts[:12], m2[:12]) == 12
+    for v, m in (("v1", m1), ("v2", m2)):
+        day = repo.tae_dir(v) / "2026-01-05"
+        day.mkdir(parents=True)
+        import pyarrow.parquet as pq
+
+        pq.write_table(tae_table(users, items, ts, m), day / "part-x-00000.parquet")
+    return repo, store, users, items, m1, m2
+
+
+def test_gc_removes_a_retired_version_and_keeps_the_others(feature_repo, redis_url):
+    from feast import FeatureStore
+
+    project = "gc_test"
+    repo, store, users, items, m1, m2 = _setup(feature_repo, redis_url, project)
+    client = redis_client(redis_url)
+    keys = entity_keys(project, {"user_id": users, "item_id": items})
+
+    with pytest.raises(VersionError, match="v1 is active; retire it first"):
+        gc(repo, "v1", redis_url, pinned_by=[])
+    retire(repo, "v1", redis_url, pinned_by=[])
+    with pytest.raises(VersionError, match="pinned by experts a, b"):
+        gc(repo, "v1", redis_url, pinned_by=["b", "a"])
+
+    env = dict(os.environ, REDIS_URL=redis_url)
+    out = subprocess.run(
+        [sys.executable, "-m", "api.cli", "fm", "gc", "v1", "--repo", str(repo.path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "gc v1: 20 online rows, 1 offline files, checkpoint removed" in out.stdout
+
+    # Online: no hash of the project holds v1 any more; v2's 12 rows are intact, and the
+    # 8 hashes that held only v1 are gone entirely.
+    f1, t1 = feature_field("fm_tae_v1", "embedding"), ts_field("fm_tae_v1")
+    for k in keys:
+        assert client.hget(k, f1) is None and client.hget(k, t1) is None
+    assert sum(client.exists(k) for k in keys) == 12
+    for u in range(5):
+        sel = users == u
+        got = store.read("v2", DIM, u, items[sel])
+        present = [j for j, key_i in enumerate(np.flatnonzero(sel)) if key_i < 12]
+        np.testing.assert_array_equal(got.matrix[present], m2[np.flatnonzero(sel)[present]])
+    # Offline files, checkpoint and manifest entry are gone; v2's stay.
+    assert not repo.tae_dir("v1").exists() and repo.tae_dir("v2").exists()
+    assert not (repo.checkpoints_dir / "v1.pt").exists()
+    assert (repo.checkpoints_dir / "v2.pt").exists()
+    assert set(repo.load_manifest().versions) == {"v2"}
+    # The view is gone from the registry; Feast still reads v2 from the shared hashes.
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    fs = FeatureStore(repo_path=str(repo.path))
+    names = {v.name for v in fs.list_feature_views()}
+    assert "fm_tae_v1" not in names and "fm_tae_v2" in names
+    got = fs.get_online_features(
+        ["fm_tae_v2:embedding"], entity_rows=[{"user_id": int(users[0]), "item_id": int(items[0])}]
+    ).to_dict()
+    np.testing.assert_array_equal(np.asarray(got["embedding"][0], np.float32), m2[0])
+
+    # gc of the remaining active version is refused by the CLI with a clear message.
+    out = subprocess.run(
+        [sys.executable, "-m", "api.cli", "fm", "gc", "v2", "--repo", str(repo.path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2 and "v2 is active" in out.stderr
+    assert store.read("v2", DIM, 0, np.arange(4)).missing == []
+
+
+def test_feast_apply_deletes_a_removed_views_rows_only(feature_repo, redis_url):
+    """What gc relies on from Feast: apply without a view deletes that view's fields and
+    leaves other views' fields in the same hashes."""
+    project = "apply_drop"
+    repo, store, users, items, m1, m2 = _setup(feature_repo, redis_url, project)
+    client = redis_client(redis_url)
+    keys = entity_keys(project, {"user_id": users, "item_id": items})
+    manifest = repo.load_manifest()
+    del manifest.versions["v1"]
+    repo.save_manifest(manifest)
+    feast_apply(repo, redis_url)
+    f1 = feature_field("fm_tae_v1", "embedding")
+    assert all(client.hget(k, f1) is None for k in keys)
+    assert sum(client.exists(k) for k in keys) == 12
+    got = store.read("v2", DIM, 0, np.arange(4))
+    assert got.missing == []
+    np.testing.assert_array_equal(got.matrix, m2[:4])
+
+
+def test_delete_version_is_limited_to_its_project(feature_repo, redis_url):
+    client = redis_client(redis_url)
+    a, b = RedisEmbeddingStore(client, "proj_a"), RedisEmbeddingStore(client, "proj_b")
+    m = np.ones((3, 4), np.float32)
+    ts = np.full(3, T0, dtype=np.int64)
+    a.write("v1", np.arange(3), np.arange(3), ts, m)
+    b.write("v1", np.arange(3), np.arange(3), ts, m)
+    assert a.delete_version("v1") == 3
+    assert a.read("v1", 4, 0, np.arange(3)).missing == [0, 1, 2]
+    assert b.read("v1", 4, 1, np.arange(3)).missing == [0, 2]
+    assert a.delete_version("v1") == 0  # repeatable
+
+
+def test_validate_pin():
+    manifest = Manifest(
+        versions={"v1": _version("v1", status="retired"), "v2": _version("v2", dim=64)}
+    )
+    validate_pin(manifest, "v2")
+    validate_pin(manifest, "v2", expected_dim=64)
+    with pytest.raises(ValueError, match=r"unknown FM version 'v9' \(published: v1, v2\)"):
+        validate_pin(manifest, "v9")
+    with pytest.raises(ValueError, match=r"'v1', which is retired \(active: v2\)"):
+        validate_pin(manifest, "v1")
+    with pytest.raises(ValueError, match="expects 32-d embeddings but FM version 'v2' is 64-d"):
+        validate_pin(manifest, "v2", expected_dim=32)
