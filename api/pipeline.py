@@ -18,13 +18,14 @@ import pandas as pd
 from experts import (
     ExpertConfig,
     add_recent_history,
+    check_against_manifest,
     evaluate,
     recent_history,
     save_expert,
     save_expert_config,
     train_expert,
+    transfer_ratio,
 )
-from experts.metrics import transfer_ratio
 from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
 from store_bridge.events.files import write_dataset
 from store_bridge.events.schema import EVENT_TIMESTAMP
@@ -222,7 +223,9 @@ def run_demo(
             epochs=size.expert_epochs, description="baseline without FM embeddings",
         )
     ]
+    manifest = repo.load_manifest()
     for cfg in configs:
+        check_against_manifest(cfg, manifest)
         save_expert_config(cfg, repo.experts_dir)
     feast_apply(repo, redis_url)
     lap("expert_configs")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from experts.config import (
     ExpertConfig,
     ExpertConfigError,
+    check_against_manifest,
     check_against_spec,
     load_expert_config,
     load_expert_configs,
@@ -26,10 +27,10 @@ from experts.config import (
     save_expert_config,
 )
 from experts.features import recent_history
-from experts.metrics import normalized_entropy
 
 if TYPE_CHECKING:
     from experts.dataset import ExpertFrame, add_recent_history, to_tensors
+    from experts.metrics import normalized_entropy, transfer_ratio
     from experts.model import ExpertModel
     from experts.train import evaluate, load_expert, predict, save_expert, train_expert
 
@@ -38,6 +39,8 @@ _LAZY = {
     "add_recent_history": "experts.dataset",
     "to_tensors": "experts.dataset",
     "ExpertModel": "experts.model",
+    "normalized_entropy": "experts.metrics",
+    "transfer_ratio": "experts.metrics",
     "evaluate": "experts.train",
     "load_expert": "experts.train",
     "predict": "experts.train",
@@ -64,12 +67,14 @@ __all__ = [
     "ExpertFrame",
     "ExpertModel",
     "add_recent_history",
+    "check_against_manifest",
     "check_against_spec",
     "evaluate",
     "load_expert",
     "load_expert_config",
     "load_expert_configs",
     "normalized_entropy",
+    "transfer_ratio",
     "parse_expert_config",
     "predict",
     "recent_history",

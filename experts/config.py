@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from store_bridge.events.schema import ITEM_FEATURES, DatasetSpec
+from store_bridge.repo import Manifest
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -142,3 +143,20 @@ def check_against_spec(
         raise ExpertConfigError(
             f"{where}: tasks: {bad} not valid on surface {cfg.surface!r} (valid: {valid})"
         )
+
+
+def check_against_manifest(
+    cfg: ExpertConfig,
+    manifest: Manifest,
+    expected_dim: int | None = None,
+    source: str | Path | None = None,
+) -> None:
+    """Raise ExpertConfigError unless the pinned FM version is published, active and, when a
+    trained model expects one, of `expected_dim`. The no-FM baseline pins nothing."""
+    if cfg.fm_version is None:
+        return
+    where = str(source) if source is not None else f"expert {cfg.name!r}"
+    try:
+        manifest.check_pin(cfg.fm_version, expected_dim)
+    except ValueError as e:
+        raise ExpertConfigError(f"{where}: fm_version: {e}") from e

@@ -48,6 +48,23 @@ class Manifest(BaseModel):
     def active(self) -> list[FMVersion]:
         return [v for v in self.versions.values() if v.status == "active"]
 
+    def check_pin(self, fm_version: str, expected_dim: int | None = None) -> None:
+        """Raise ValueError unless `fm_version` is published, active and `expected_dim`-d."""
+        if fm_version not in self.versions:
+            known = ", ".join(sorted(self.versions)) or "none"
+            raise ValueError(f"pins unknown FM version {fm_version!r} (published: {known})")
+        entry = self.versions[fm_version]
+        if entry.status != "active":
+            active = ", ".join(v.version for v in self.active()) or "none"
+            raise ValueError(
+                f"pins FM version {fm_version!r}, which is {entry.status} (active: {active})"
+            )
+        if expected_dim is not None and expected_dim != entry.dim:
+            raise ValueError(
+                f"expects {expected_dim}-d embeddings but FM version {fm_version!r} is "
+                f"{entry.dim}-d"
+            )
+
     def next_version(self) -> str:
         nums = [int(v[1:]) for v in self.versions]
         return f"v{max(nums, default=0) + 1}"

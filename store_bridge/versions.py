@@ -16,7 +16,7 @@ from pathlib import Path
 from fm import checkpoint_digest, load_checkpoint
 from store_bridge.online import RedisEmbeddingStore
 from store_bridge.redis_server import redis_client
-from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply, now_iso
+from store_bridge.repo import FeatureRepo, FMVersion, feast_apply, now_iso
 
 
 class VersionError(ValueError):
@@ -123,20 +123,3 @@ def gc(repo: FeatureRepo, version: str, redis_url: str, *, pinned_by: list[str])
     # The view leaves the registry; Feast's apply also deletes the view's online rows itself.
     feast_apply(repo, redis_url)
     return GCReport(version, online, files, removed)
-
-
-def validate_pin(manifest: Manifest, fm_version: str, expected_dim: int | None = None) -> None:
-    """Raise ValueError unless `fm_version` is a published, active version of `expected_dim`."""
-    if fm_version not in manifest.versions:
-        known = ", ".join(sorted(manifest.versions)) or "none"
-        raise ValueError(f"pins unknown FM version {fm_version!r} (published: {known})")
-    entry = manifest.versions[fm_version]
-    if entry.status != "active":
-        active = ", ".join(v.version for v in manifest.active()) or "none"
-        raise ValueError(
-            f"pins FM version {fm_version!r}, which is {entry.status} (active: {active})"
-        )
-    if expected_dim is not None and expected_dim != entry.dim:
-        raise ValueError(
-            f"expects {expected_dim}-d embeddings but FM version {fm_version!r} is {entry.dim}-d"
-        )

@@ -150,3 +150,29 @@ def test_reading_configs_does_not_import_torch():
     # The Feast repo's definitions read expert configs on every `feast apply`.
     code = "import sys, experts; experts.load_expert_configs; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_check_against_manifest_names_expert_and_problem():
+    from experts import check_against_manifest
+    from store_bridge.repo import FMVersion, Manifest
+
+    def version(v: str, dim: int, status: str) -> FMVersion:
+        return FMVersion(
+            version=v, dim=dim, checkpoint="c.pt", digest="d", status=status,
+            training_window=("a", "b"), created_at="c",
+        )
+
+    manifest = Manifest(versions={"v1": version("v1", 32, "retired"), "v2": version("v2", 64, "active")})
+    ok = ExpertConfig(name="feed_v2", surface="feed", tasks=["click"], fm_version="v2")
+    check_against_manifest(ok, manifest, expected_dim=64)
+    check_against_manifest(ok.model_copy(update={"fm_version": None}), manifest)
+    cases = [
+        ("v7", None, "pins unknown FM version 'v7'"),
+        ("v1", None, "which is retired"),
+        ("v2", 32, "expects 32-d embeddings but FM version 'v2' is 64-d"),
+    ]
+    for pin, dim, needle in cases:
+        cfg = ok.model_copy(update={"fm_version": pin})
+        with pytest.raises(ExpertConfigError, match=needle) as err:
+            check_against_manifest(cfg, manifest, expected_dim=dim)
+        assert "expert 'feed_v2': fm_version:" in str(err.value)

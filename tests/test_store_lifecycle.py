@@ -16,7 +16,7 @@ from store_bridge.logging_tier import tae_table
 from store_bridge.online import RedisEmbeddingStore
 from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
 from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply
-from store_bridge.versions import VersionError, gc, retire, validate_pin
+from store_bridge.versions import VersionError, gc, retire
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_571_200_000_000
@@ -151,11 +151,11 @@ def test_validate_pin():
     manifest = Manifest(
         versions={"v1": _version("v1", status="retired"), "v2": _version("v2", dim=64)}
     )
-    validate_pin(manifest, "v2")
-    validate_pin(manifest, "v2", expected_dim=64)
+    manifest.check_pin("v2")
+    manifest.check_pin("v2", expected_dim=64)
     with pytest.raises(ValueError, match=r"unknown FM version 'v9' \(published: v1, v2\)"):
-        validate_pin(manifest, "v9")
+        manifest.check_pin("v9")
     with pytest.raises(ValueError, match=r"'v1', which is retired \(active: v2\)"):
-        validate_pin(manifest, "v1")
+        manifest.check_pin("v1")
     with pytest.raises(ValueError, match="expects 32-d embeddings but FM version 'v2' is 64-d"):
-        validate_pin(manifest, "v2", expected_dim=32)
+        manifest.check_pin("v2", expected_dim=32)
