@@ -203,6 +203,7 @@ def log_cmd(
     impressions: Annotated[Path, typer.Option(help="parquet of user_id, item_id, event_timestamp, surface, hour")],
     repo: RepoOpt = None,
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    chunk_rows: Annotated[int, typer.Option(min=1, help="rows per chunk (one file per day)")] = 20000,
 ) -> None:
     """Compute the TAEs of every active FM version for logged impressions; write them offline
     (partitioned parquet) and online (Redis, Feast's layout). Safe to rerun."""
@@ -210,7 +211,7 @@ def log_cmd(
 
     from fm import UserHistories
     from store_bridge.fm_tier import load_tae_function
-    from store_bridge.logging_tier import log_version, prepare_impressions
+    from store_bridge.logging_tier import BadEmbeddings, log_version, prepare_impressions
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
     from store_bridge.repo import FeatureRepo
@@ -233,10 +234,14 @@ def log_cmd(
     histories = UserHistories.from_events(events, spec.surfaces)
     store = RedisEmbeddingStore(redis_client(_redis(settings), timeout=30), fr.project)
     for entry in active:
-        rep = log_version(fr, store, entry.version, load_tae_function(fr, entry, histories), imp,
-                          progress=not no_progress)
+        try:
+            rep = log_version(fr, store, entry.version, load_tae_function(fr, entry, histories),
+                              imp, progress=not no_progress, chunk_rows=chunk_rows)
+        except BadEmbeddings as e:
+            _fail(str(e))
         typer.echo(f"{entry.version}: {rep.rows:,} rows in {rep.seconds:.1f}s "
-                   f"({rep.rows_per_s:,.0f} rows/s), {rep.files} files, {rep.online_written:,} online")
+                   f"({rep.rows_per_s:,.0f} rows/s), {rep.files} files, {rep.online_written:,} online, "
+                   f"{rep.skipped_chunks} chunks done by an earlier run")
 
 
 @app.command("training-set")
@@ -292,6 +297,141 @@ def fm_gc(version: str, repo: RepoOpt = None) -> None:
         f"gc {version}: {rep.online_rows:,} online rows, {rep.offline_files:,} offline files, "
         f"checkpoint {'removed' if rep.checkpoint_removed else 'absent'}; view fm_tae_{version} gone"
     )
+
+
+@fm_app.command("export")
+def fm_export(
+    checkpoint: Annotated[Path, typer.Argument(help="FM checkpoint (.pt) from training")],
+    out: Annotated[Path, typer.Argument(help="where to write the serving artifact")],
+) -> None:
+    """Write the pruned serving artifact (TAE path only: no task heads, no alignment modules,
+    no optimizer state); print parameter counts and file sizes of both."""
+    from fm.export import export_serving, format_export_report
+
+    if not checkpoint.is_file():
+        _fail(f"checkpoint not found: {checkpoint}")
+    try:
+        report = export_serving(checkpoint, out)
+    except ValueError as e:
+        _fail(f"{checkpoint}: {e}")
+    typer.echo(format_export_report(report))
+
+
+@bench_app.command("fm")
+def bench_fm_cmd(
+    ms: Annotated[str, typer.Option("--ms", help="candidate counts M, comma-separated")] = "1,64,512",
+    ns: Annotated[str, typer.Option("--ns", help="history lengths N, comma-separated")] = "256,1024",
+    repeats: Annotated[int, typer.Option(help="timings are the best of this many runs")] = 5,
+    naive_max: Annotated[
+        int, typer.Option(help="candidates the naive per-candidate loop runs on (0 = all M)")
+    ] = 16,
+    d_model: int = 64,
+    layers: int = 3,
+    heads: int = 4,
+    device: str = "cpu",
+) -> None:
+    """TAE throughput (candidates/s): cached one-pass vs joint attention vs naive per-candidate
+    loop, same model and inputs, TAEs checked equal first; a table, then one JSON line."""
+    from fm.bench import run
+
+    def ints(s: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in s.split(",") if x.strip())
+
+    run(
+        say=typer.echo, ms=ints(ms), ns=ints(ns), repeats=repeats, naive_max=naive_max,
+        d_model=d_model, n_layers=layers, n_heads=heads, device=device,
+    )
+
+
+@bench_app.command("store")
+def bench_store_cmd(
+    repo: RepoOpt = None,
+    rows: Annotated[int, typer.Option(min=1, help="training-set label rows")] = 1_000_000,
+    candidates: Annotated[int, typer.Option(min=1, help="candidates per online read")] = 500,
+    dim: Annotated[int, typer.Option(min=1, help="embedding dimension")] = 128,
+    users: Annotated[int, typer.Option(min=1, help="logged rows = users x candidates")] = 40,
+    repeats: Annotated[int, typer.Option(min=1, help="online reads per path (median)")] = 30,
+) -> None:
+    """Store paths vs Feast on the same data: online read (foundex vs get_online_features vs
+    raw redis-py pipeline), training set (point-in-time join vs get_historical_features,
+    identical rows asserted), logging (rows/s vs write_to_online_store); a table, then one
+    JSON line. Runs in a scratch copy of the repo with its own project; cleans up after."""
+    from store_bridge.bench import BenchSize, bench_store, format_table
+
+    settings = _settings(repo)
+    size = BenchSize(rows=rows, candidates=candidates, dim=dim, users=users, repeats=repeats)
+    results = bench_store(_redis(settings), settings.repo, size, say=lambda s: typer.echo(s, err=True))
+    typer.echo(format_table(results))
+    typer.echo(json.dumps(results))
+
+
+@bench_app.command("api")
+def bench_api_cmd(
+    items: Annotated[
+        int, typer.Option(min=1, max=2000, help="candidates per compared lookup")
+    ] = 500,
+    dim: Annotated[int, typer.Option(min=1, help="embedding dimension")] = 128,
+    repeats: Annotated[int, typer.Option(min=1, help="compared lookups per path")] = 100,
+    rate: Annotated[float, typer.Option(min=1, help="load run: requests per second")] = 200.0,
+    duration: Annotated[float, typer.Option(min=0.1, help="load run: seconds")] = 60.0,
+    load_items: Annotated[
+        int, typer.Option(min=1, max=2000, help="load run: candidates per request")
+    ] = 100,
+    load_format: Annotated[str, typer.Option(help="load run: json, f32 or f16")] = "json",
+    keep: Annotated[bool, typer.Option(help="keep the scratch repo")] = False,
+) -> None:
+    """REST lookup (items x dim) through `foundex serve` vs `feast serve` on the same scratch
+    repo in one run (median/p99, ratio), a fixed-rate loopback load run (p50/p99, errors) and,
+    with the embedded Redis, the time to a 503 once Redis is stopped; a table, then one JSON line.
+    Uses $REDIS_URL when set, else an embedded redis-server of its own."""
+    from api.bench import BenchConfig, run
+
+    if load_format not in ("json", "f32", "f16"):
+        raise typer.BadParameter("json, f32 or f16", param_hint="--load-format")
+    cfg = BenchConfig(
+        items=items, dim=dim, repeats=repeats, rate=rate, duration=duration,
+        load_items=min(load_items, items), load_format=load_format,
+        redis_url=Settings().redis_url, keep=keep,
+    )
+    result = run(cfg, say=typer.echo)
+    typer.echo(json.dumps(result))
+
+
+@app.command(
+    "paper-tables", context_settings={"allow_extra_args": True, "ignore_unknown_options": False}
+)
+def paper_tables_cmd(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Option(help="synthetic, kuairand or movielens")] = "synthetic",
+    data_path: Annotated[
+        Path | None, typer.Option(help="folder (or ratings file) of the real dataset")
+    ] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
+    ] = None,
+    time_budget: Annotated[float, typer.Option(min=1, help="seconds the run aims at")] = 120.0,
+    out: Annotated[Path, typer.Option(help="where report.md, result.json, PNGs go")] = Path(
+        "paper_tables"
+    ),
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """The paper's four tables (UE/TAE vs no-FM, FM small->large with TR, unseen tasks, expert
+    vs one-stage FLOPs) over several seeds, in memory; a markdown report and PNG plots, then
+    one JSON object as the last line."""
+    from experts.paper_tables import DATASETS, run
+
+    if data not in DATASETS:
+        raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
+    try:  # `--seeds 0 1 2`: click keeps the first value, the rest arrive as extra args
+        all_seeds = list(seeds or []) + [int(a) for a in ctx.args]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
+    result = run(
+        data, data_path, all_seeds or [0, 1, 2], time_budget, out,
+        say=typer.echo, progress=not no_progress,
+    )
+    typer.echo((out / "report.md").read_text())
+    typer.echo(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -6,16 +6,21 @@ import os
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from api.fast_read import ScriptedReader
+from api.fm_serving import FMTier
 from api.settings import Settings
 from experts import ExpertConfig, ExpertModel, load_expert, load_expert_configs
 from store_bridge.feast_objects import USER_HISTORY_VIEW
 from store_bridge.online import RedisEmbeddingStore, StoreUnavailable
-from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string
 from store_bridge.repo import FeatureRepo, Manifest
 
 
@@ -30,20 +35,41 @@ class ServingState:
     repo: FeatureRepo = field(init=False)
     _experts: dict[str, ExpertModel] = field(default_factory=dict, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _files: dict[str, tuple[tuple, Any]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.repo = FeatureRepo(self.settings.repo)
         os.environ[FEAST_ENV] = feast_connection_string(self.redis_url)
-        self.client: redis.Redis = redis_client(self.redis_url, timeout=self.settings.redis_timeout_s)
+        self.client = bounded_client(self.redis_url, self.settings)
         self.store = RedisEmbeddingStore(self.client, self.repo.project)
+        # Serving reads: one scripted round trip (same layout, same result as store.read).
+        self.reader = (
+            ScriptedReader(self.client, self.repo.project)
+            if self.settings.redis_lua_reads
+            else self.store
+        )
+        self.fm_tier = FMTier(self.repo)
 
-    # The files are the truth; they are small, so they are re-read on every request and an
-    # admin's `foundex fm publish` or a new expert config is seen without a restart.
+    # The files are the truth: every request checks them (a stat, not a parse) and re-reads
+    # them when they changed, so an admin's `foundex fm publish` or a new expert config is
+    # seen without a restart, while an unchanged manifest costs no YAML parsing on the hot path.
     def manifest(self) -> Manifest:
-        return self.repo.load_manifest()
+        key = _stamp([self.repo.manifest_path])
+        cached = self._files.get("manifest")
+        if cached is None or cached[0] != key:
+            cached = (key, self.repo.load_manifest())
+            self._files["manifest"] = cached
+        return cached[1]
 
     def expert_configs(self) -> dict[str, ExpertConfig]:
-        return {c.name: c for c in load_expert_configs(self.repo.experts_dir)}
+        d = self.repo.experts_dir
+        key = _stamp([d, *sorted(d.iterdir())] if d.is_dir() else [d])
+        cached = self._files.get("experts")
+        if cached is None or cached[0] != key:
+            configs = {c.name: c for c in load_expert_configs(d)}
+            cached = (key, configs)
+            self._files["experts"] = cached
+        return cached[1]
 
     def version(self, name: str):
         manifest = self.manifest()
@@ -65,6 +91,14 @@ class ServingState:
                     raise NotFound(f"expert {cfg.name!r} has no trained model at {path}")
                 self._experts[cfg.name] = load_expert(path)
             return self._experts[cfg.name]
+
+    def reload_experts(self) -> list[str]:
+        """Drop loaded expert models (and FM engines): the next request loads them afresh."""
+        with self._lock:
+            self._experts.clear()
+            self._files.clear()
+        self.fm_tier.clear()
+        return sorted(self.expert_configs())
 
     @cached_property
     def feature_store(self) -> Any:
@@ -90,6 +124,36 @@ class ServingState:
         if not (self.repo.data / "registry.db").exists():
             return False, "feast registry not found: run `feast apply` or `foundex demo`"
         return True, "ok"
+
+
+def _stamp(paths: list[Path]) -> tuple:
+    """What identifies these files' contents cheaply: inode, size and mtime of each."""
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            out.append((str(p), None))
+            continue
+        out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def bounded_client(url: str, settings: Settings) -> redis.Redis:
+    """A Redis client whose every call is bounded in time.
+
+    Short connect/read timeouts; one immediate retry on a connection error only, so a pooled
+    connection that died with a restarted server is replaced at once, while a server that is
+    down still fails within a couple of refused connects (no backoff sleeps).
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
 
 
 def as_int_array(values: list[int]) -> np.ndarray:
