@@ -270,7 +270,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             name = req.fm_version  # type: ignore[assignment]
         version = state.version(name)
         items = as_int_array(req.item_ids)
-        rows = state.reader.read(version.version, version.dim, req.user_id, items)
+        rows = state.store.read(version.version, version.dim, req.user_id, items)
         matrix, missing, computed = rows.matrix, rows.missing, []
         if missing and state.settings.read_through and version.status == "active":
             matrix, missing, computed = _read_through(
@@ -414,7 +414,7 @@ def _score(state: ServingState, name: str, req: ScoreRequest) -> ScoreResponse:
     taes = None
     if cfg.fm_version is not None:
         version = state.version(cfg.fm_version)
-        taes = _fetchers.submit(state.reader.read, version.version, version.dim, req.user_id, items)
+        taes = _fetchers.submit(state.store.read, version.version, version.dim, req.user_id, items)
     try:
         feats = state.online_features(cfg, req.user_id, req.item_ids)
     finally:

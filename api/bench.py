@@ -142,7 +142,7 @@ def _timed(fn: Callable[[], None]) -> float:
 
 def compare(ours: str, feast: str, redis_url: str, project: str, cfg: BenchConfig) -> dict:
     """The same lookup through every path, interleaved so they share the machine's mood."""
-    from api.fast_read import ScriptedReader
+    from store_bridge.feast_layout import entity_keys, feature_field
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
 
@@ -153,8 +153,9 @@ def compare(ours: str, feast: str, redis_url: str, project: str, cfg: BenchConfi
         "entities": {"user_id": [1] * cfg.items, "item_id": items},
     }
     store = RedisEmbeddingStore(redis_client(redis_url, timeout=5), project)
-    scripted = ScriptedReader(store.client, project)
     arr = np.asarray(items, dtype=np.int64)
+    keys = entity_keys(project, {"user_id": np.ones(len(arr), np.int64), "item_id": arr})
+    field = feature_field(f"fm_tae_{VERSION}", "embedding")
     # A lean keep-alive client (stdlib http.client), the same for every path: it adds little
     # of its own to what is measured, unlike a full-featured client (~2 ms on a 700 KB body).
     o, f = _Conn(ours), _Conn(feast)
@@ -172,11 +173,14 @@ def compare(ours: str, feast: str, redis_url: str, project: str, cfg: BenchConfi
         def feast_serve() -> None:
             f.post("/get-online-features", feast_body)
 
-        def raw_redis() -> None:
-            store.read(VERSION, cfg.dim, 1, arr)
+        def raw_redis() -> None:  # the floor: HGETs in one pipeline, no decoding
+            with store.client.pipeline(transaction=False) as pipe:
+                for k in keys:
+                    pipe.hget(k, field)
+                pipe.execute()
 
-        def raw_script() -> None:
-            scripted.read(VERSION, cfg.dim, 1, arr)
+        def store_read() -> None:  # the service's own read, without HTTP
+            store.read(VERSION, cfg.dim, 1, arr)
 
         # Same values on both servers (and nothing missing) before timing anything.
         mine = np.asarray(json.loads(o.post("/v1/embeddings/lookup", json_body))["embeddings"])
@@ -188,7 +192,7 @@ def compare(ours: str, feast: str, redis_url: str, project: str, cfg: BenchConfi
 
         paths = {"foundex REST json": ours_json, "foundex REST f32": ours_bin,
                  "feast serve": feast_serve, "raw redis pipeline": raw_redis,
-                 "raw redis script": raw_script}
+                 "store read (in-process)": store_read}
         for fn in paths.values():
             for _ in range(5):
                 fn()  # warm-up: connections, caches, first-call imports

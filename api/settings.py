@@ -22,8 +22,6 @@ class Settings(BaseSettings):
     # Every store call is bounded: a dead or hung Redis turns into a 503 within ~100 ms.
     redis_timeout_s: float = Field(default=0.08, gt=0)
     redis_connect_timeout_s: float = Field(default=0.05, gt=0)
-    # Read a request's candidates with one server-side script (off for Redis Cluster).
-    redis_lua_reads: bool = True
 
     # Bearer tokens. Admin endpoints are refused while admin_token is unset; read endpoints
     # are open unless read_token is set (the admin token is accepted there too).

@@ -11,16 +11,13 @@ from typing import Any
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from api.fast_read import ScriptedReader
 from api.fm_serving import FMTier
 from api.settings import Settings
 from experts import ExpertConfig, ExpertModel, load_expert, load_expert_configs
 from store_bridge.feast_objects import USER_HISTORY_VIEW
 from store_bridge.online import RedisEmbeddingStore, StoreUnavailable
-from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
 from store_bridge.repo import FeatureRepo, Manifest
 
 
@@ -40,14 +37,12 @@ class ServingState:
     def __post_init__(self) -> None:
         self.repo = FeatureRepo(self.settings.repo)
         os.environ[FEAST_ENV] = feast_connection_string(self.redis_url)
-        self.client = bounded_client(self.redis_url, self.settings)
-        self.store = RedisEmbeddingStore(self.client, self.repo.project)
-        # Serving reads: one scripted round trip (same layout, same result as store.read).
-        self.reader = (
-            ScriptedReader(self.client, self.repo.project)
-            if self.settings.redis_lua_reads
-            else self.store
+        self.client = redis_client(
+            self.redis_url,
+            timeout=self.settings.redis_timeout_s,
+            connect_timeout=self.settings.redis_connect_timeout_s,
         )
+        self.store = RedisEmbeddingStore(self.client, self.repo.project)
         self.fm_tier = FMTier(self.repo)
 
     # The files are the truth: every request checks them (a stat, not a parse) and re-reads
@@ -137,23 +132,6 @@ def _stamp(paths: list[Path]) -> tuple:
             continue
         out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
-
-
-def bounded_client(url: str, settings: Settings) -> redis.Redis:
-    """A Redis client whose every call is bounded in time.
-
-    Short connect/read timeouts; one immediate retry on a connection error only, so a pooled
-    connection that died with a restarted server is replaced at once, while a server that is
-    down still fails within a couple of refused connects (no backoff sleeps).
-    """
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-        retry_on_timeout=False,
-        health_check_interval=0,
-    )
 
 
 def as_int_array(values: list[int]) -> np.ndarray:

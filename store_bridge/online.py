@@ -4,8 +4,9 @@ Reads decode Feast's stored float_list values straight into one float32 matrix (
 feast_layout); writes produce the bytes Feast itself would, so `get_online_features` reads
 what foundex wrote and foundex reads what `feast materialize` wrote.
 
-The client may be a `redis.Redis` or a `redis.cluster.RedisCluster`: every batch goes through
-the client's non-transactional pipeline, which on a cluster is split per node by key slot.
+The client may be a `redis.Redis` or a `redis.cluster.RedisCluster`. On a single Redis, reads
+and writes of a batch are one server-side script call each; on a cluster, whose keys span slots,
+they go through the client's non-transactional pipeline, split per node by key slot.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class RedisEmbeddingStore(EmbeddingStore):
         self.client = client
         self.project = project
         self._cas = None  # the registered write script, on first scripted write
+        self._hget_all = None  # the registered read script, on first read
+        self._single_node = not isinstance(client, redis.cluster.RedisCluster)
 
     def ping(self) -> bool:
         try:
@@ -81,10 +84,18 @@ class RedisEmbeddingStore(EmbeddingStore):
         keys = entity_keys(self.project, {"user_id": np.full(len(items), user_id), "item_id": items})
         field = feature_field(view_name(version), EMBEDDING)
         try:
-            with self.client.pipeline(transaction=False) as pipe:
-                for k in keys:
-                    pipe.hget(k, field)
-                values = pipe.execute()
+            if self._single_node:
+                # One EVALSHA for all candidates: spares redis-py packing and parsing N
+                # commands (~1 ms instead of ~3 ms for 500). redis-py reloads the script
+                # by itself after a server restart (NOSCRIPT).
+                if self._hget_all is None:
+                    self._hget_all = self.client.register_script(_HGET_ALL)
+                values = self._hget_all(keys=keys, args=[field])
+            else:  # a cluster: keys span slots, so per-node pipelines
+                with self.client.pipeline(transaction=False) as pipe:
+                    for k in keys:
+                        pipe.hget(k, field)
+                    values = pipe.execute()
         except redis.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
         matrix, missing = decode_float_lists(values, dim)
@@ -116,9 +127,7 @@ class RedisEmbeddingStore(EmbeddingStore):
         keep = order[last]
         # One server-side compare-and-set per chunk where all keys may meet in one script call
         # (a single Redis); on a cluster, keys span slots, so per-node pipelines instead.
-        scripted = not isinstance(self.client, redis.cluster.RedisCluster) and (
-            len(ts_us) == 0 or int(ts_us.min()) >= 0
-        )
+        scripted = self._single_node and (len(ts_us) == 0 or int(ts_us.min()) >= 0)
         written = 0
         for start in range(0, len(keep), chunk):
             idx = keep[start : start + chunk]
@@ -182,6 +191,17 @@ class RedisEmbeddingStore(EmbeddingStore):
             pipe.execute()
         return written
 
+
+# One version's field of every candidate key in one call (single Redis only: the keys of one
+# request would span slots on a cluster).
+_HGET_ALL = """
+local field = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('HGET', key, field)
+end
+return out
+"""
 
 # Compare-and-set of one version's rows, server side: for each key, write the value and the
 # event time (a serialized google.protobuf.Timestamp, as Feast stores it) unless the stored

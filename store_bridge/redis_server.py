@@ -22,6 +22,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 FEAST_ENV = "FOUNDEX_FEAST_REDIS"
 
@@ -48,9 +50,22 @@ def feast_connection_string(url: str) -> str:
     return ",".join(parts)
 
 
-def redis_client(url: str, *, timeout: float = 2.0) -> redis.Redis:
+def redis_client(
+    url: str, *, timeout: float = 2.0, connect_timeout: float | None = None
+) -> redis.Redis:
+    """A client whose every call is bounded in time.
+
+    One immediate retry on a connection error only, so a pooled connection that died with a
+    restarted server is replaced at once, while a server that is down still fails within a
+    couple of refused connects (no backoff sleeps).
+    """
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=connect_timeout if connect_timeout is not None else timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        retry_on_timeout=False,
+        health_check_interval=0,
     )
 
 
