@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, model_validator
 from api.observability import Metrics, ObservabilityMiddleware, configure_logging, log
 from api.security import BodySizeLimit, require_admin, require_read
 from api.settings import Settings
-from api.state import NotFound, ServingState, as_int_array
+from api.state import Conflict, NotFound, ServingState, as_int_array
 from experts import predict
 from store_bridge.online import StoreUnavailable
 
@@ -189,6 +189,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:

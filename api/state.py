@@ -25,6 +25,10 @@ class NotFound(LookupError):
     pass
 
 
+class Conflict(RuntimeError):
+    """The files disagree with each other (e.g. a trained expert and the version it pins)."""
+
+
 @dataclass
 class ServingState:
     settings: Settings
@@ -84,8 +88,24 @@ class ServingState:
                 path = self.repo.models_dir / f"{cfg.name}.pt"
                 if not path.exists():
                     raise NotFound(f"expert {cfg.name!r} has no trained model at {path}")
-                self._experts[cfg.name] = load_expert(path)
+                model = load_expert(path)
+                self._check_pin(cfg, model)
+                self._experts[cfg.name] = model
             return self._experts[cfg.name]
+
+    def _check_pin(self, cfg: ExpertConfig, model: ExpertModel) -> None:
+        """A model trained on one TAE width must not be fed another version's embeddings."""
+        trained = model.fm_embedding.tae_dim if model.fm_embedding is not None else None
+        if cfg.fm_version is None:
+            if trained is not None:
+                raise Conflict(f"expert {cfg.name!r} was trained on {trained}-d TAEs but pins none")
+            return
+        pinned = self.version(cfg.fm_version)
+        if trained != pinned.dim:
+            raise Conflict(
+                f"expert {cfg.name!r} pins FM {pinned.version} ({pinned.dim}-d) but its model "
+                f"was trained on {trained or 'no'}-d TAEs: retrain it or re-pin its config"
+            )
 
     def reload_experts(self) -> list[str]:
         """Drop loaded expert models (and FM engines): the next request loads them afresh."""

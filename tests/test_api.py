@@ -124,3 +124,24 @@ def test_redis_down_gives_503(demo_repo):
         r = client.post("/v1/embeddings/lookup", json={"user_id": 1, "item_ids": [1], "fm_version": "v1"})
         assert r.status_code == 503
         assert "unavailable" in r.json()["detail"]
+
+
+def test_score_refuses_an_expert_re_pinned_to_another_width(demo_repo, redis_url, tmp_path):
+    """A config re-pinned to a version of another dimension than its trained model: 409."""
+    import shutil
+
+    import yaml
+
+    repo, report = demo_repo
+    path = tmp_path / "repo"
+    shutil.copytree(repo.path, path, ignore=shutil.ignore_patterns("redis"))
+    name = next(n for n, v in report.experts.items() if v == "v1")
+    cfg_path = path / "data" / "experts" / f"{name}.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["fm_version"] = "v2"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    app = create_app(Settings(repo=path, redis_url=redis_url), redis_url)
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post(f"/v1/experts/{name}/score", json={"user_id": 1, "item_ids": [1, 2]})
+        assert r.status_code == 409, r.text
+        assert "pins FM v2 (64-d)" in r.json()["detail"] and "32-d" in r.json()["detail"]
