@@ -20,7 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-fm_app = typer.Typer(help="FM versions: publish, list, retire.", no_args_is_help=True)
+fm_app = typer.Typer(
+    help="FM versions: publish, list, retire, gc; export a serving artifact.", no_args_is_help=True
+)
 app.add_typer(fm_app, name="fm")
 bench_app = typer.Typer(
     help="Benchmarks: peers side by side in one run, a table, then one JSON object as the last line.",
