@@ -17,7 +17,12 @@ from api.settings import Settings
 from experts import ExpertConfig, ExpertModel, load_expert, load_expert_configs
 from store_bridge.feast_objects import USER_HISTORY_VIEW
 from store_bridge.online import RedisEmbeddingStore, StoreUnavailable
-from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+from store_bridge.redis_server import (
+    FEAST_ENV,
+    bounded_retry,
+    feast_connection_string,
+    redis_client,
+)
 from store_bridge.repo import FeatureRepo, Manifest
 
 
@@ -40,7 +45,10 @@ class ServingState:
 
     def __post_init__(self) -> None:
         self.repo = FeatureRepo(self.settings.repo)
-        os.environ[FEAST_ENV] = feast_connection_string(self.redis_url)
+        # Feast's client (scoring reads item features and histories through it) is bounded too.
+        os.environ[FEAST_ENV] = feast_connection_string(
+            self.redis_url, timeout=self.settings.redis_timeout_s
+        )
         self.client = redis_client(
             self.redis_url,
             timeout=self.settings.redis_timeout_s,
@@ -119,7 +127,11 @@ class ServingState:
     def feature_store(self) -> Any:
         from feast import FeatureStore  # heavy import: only services that score pay for it
 
-        return FeatureStore(repo_path=str(self.repo.path))
+        fs = FeatureStore(repo_path=str(self.repo.path))
+        # Feast's Redis client backs off for seconds between retries by default; give it the
+        # same bounded policy as foundex's own client so a hung Redis costs one timeout.
+        fs.provider.online_store._get_client(fs.config.online_store).set_retry(bounded_retry())
+        return fs
 
     def online_features(self, cfg: ExpertConfig, user_id: int, item_ids: list[int]) -> dict:
         """Item features and the user's recent history from Feast's online store."""

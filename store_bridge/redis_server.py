@@ -32,8 +32,12 @@ class RedisUnavailable(RuntimeError):
     """The configured Redis server does not answer."""
 
 
-def feast_connection_string(url: str) -> str:
-    """`redis://[:password@]host:port/db` -> Feast's `host:port,db=N[,password=...][,ssl=true]`."""
+def feast_connection_string(url: str, *, timeout: float | None = None) -> str:
+    """`redis://[:password@]host:port/db` -> Feast's `host:port,db=N[,password=...][,ssl=true]`.
+
+    With `timeout`, Feast's own client gets the same bound on every call as foundex's (Feast
+    passes extra `key=value` pairs to redis-py).
+    """
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "rediss"):
         raise ValueError(f"REDIS_URL must start with redis:// or rediss://, got {url!r}")
@@ -47,23 +51,28 @@ def feast_connection_string(url: str) -> str:
         parts.append(f"password={unquote(parsed.password)}")
     if parsed.scheme == "rediss":
         parts.append("ssl=true")
+    if timeout is not None:
+        parts += [f"socket_timeout={timeout}", f"socket_connect_timeout={timeout}"]
     return ",".join(parts)
+
+
+def bounded_retry() -> Retry:
+    """One immediate retry, on a connection error only (redis-py's default backs off for
+    seconds and retries timeouts too, which turns a hung server into a multi-second stall)."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
 def redis_client(
     url: str, *, timeout: float = 2.0, connect_timeout: float | None = None
 ) -> redis.Redis:
-    """A client whose every call is bounded in time.
-
-    One immediate retry on a connection error only, so a pooled connection that died with a
+    """A client whose every call is bounded in time: a pooled connection that died with a
     restarted server is replaced at once, while a server that is down still fails within a
-    couple of refused connects (no backoff sleeps).
-    """
+    couple of refused connects."""
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=connect_timeout if connect_timeout is not None else timeout,
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        retry=bounded_retry(),
         retry_on_timeout=False,
         health_check_interval=0,
     )

@@ -156,8 +156,10 @@ def test_hung_redis_times_out_to_503(demo_repo, own_redis):
     (settings.redis_timeout_s) turns it into a 503, and SIGCONT brings 200s back."""
     import signal
 
-    repo, _ = demo_repo
+    repo, report = demo_repo
     dim = repo.load_manifest().versions["v1"].dim
+    baseline = next(n for n, v in report.experts.items() if v is None)  # reads only via Feast
+    score = {"user_id": 7, "item_ids": [3]}
     client = redis.Redis.from_url(own_redis.url)
     store = RedisEmbeddingStore(client, repo.project)
     ones = np.ones((1, dim), np.float32)
@@ -169,6 +171,8 @@ def test_hung_redis_times_out_to_503(demo_repo, own_redis):
         base_url=server.url, timeout=10
     ) as http:
         assert http.post("/v1/embeddings/lookup", json=body).status_code == 200
+        warm = http.post(f"/v1/experts/{baseline}/score", json=score)  # loads Feast first
+        assert warm.status_code == 200, warm.text
         own_redis.proc.send_signal(signal.SIGSTOP)
         try:
             t0 = time.perf_counter()
@@ -177,6 +181,11 @@ def test_hung_redis_times_out_to_503(demo_repo, own_redis):
             assert r.status_code == 503 and "unavailable" in r.json()["detail"], r.text
             assert elapsed < 1.0, elapsed  # the timeout is 80 ms; loose for CI
             assert http.get("/readyz").status_code == 503
+            # scoring reads through Feast's own Redis client, bounded by the same timeout
+            t0 = time.perf_counter()
+            r = http.post(f"/v1/experts/{baseline}/score", json=score)
+            assert r.status_code == 503, r.text
+            assert time.perf_counter() - t0 < 2.0
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 5

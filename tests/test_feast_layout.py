@@ -140,3 +140,14 @@ def test_bulk_timestamps_match_protobuf():
     ts = np.concatenate([rng.integers(0, 2**36 * 10**6, 5000), edges])
     assert encode_timestamps_us(ts) == [encode_timestamp_us(int(t)) for t in ts]
     assert encode_timestamps_us(np.array(edges[:-2])) == [encode_timestamp_us(t) for t in edges[:-2]]
+
+
+def test_feast_connection_string():
+    from store_bridge.redis_server import feast_connection_string
+
+    assert feast_connection_string("redis://localhost:6390/2") == "localhost:6390,db=2"
+    assert feast_connection_string("rediss://:s3cret@h:1/0", timeout=0.1) == (
+        "h:1,db=0,password=s3cret,ssl=true,socket_timeout=0.1,socket_connect_timeout=0.1"
+    )
+    with pytest.raises(ValueError, match="redis://"):
+        feast_connection_string("http://x")
