@@ -69,7 +69,7 @@ class FMTier:
                 return None
             from fm import TAEEngine, load_checkpoint
 
-            path = self.repo.data / version.checkpoint
+            path = version.model_path(self.repo)
             try:
                 model, _ = load_checkpoint(path)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -79,7 +79,9 @@ class FMTier:
             if cfg.surfaces != histories.surfaces or cfg.d_model != version.dim:
                 log.warning("read-through off for %s: checkpoint does not match", version.version)
                 return None
-            eng = _Engine(TAEEngine(model, histories), cfg.n_items, list(cfg.surfaces),
+            # The history cache keeps each user's encoded history across requests until it grows.
+            engine = TAEEngine(model, histories, history_cache=True)
+            eng = _Engine(engine, cfg.n_items, list(cfg.surfaces),
                           threading.Lock())
             self._engines[key] = eng
             return eng

@@ -56,15 +56,15 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[FoundationModel, dict[str, Any]]:
-    """-> (model in eval mode, extra). Serving artifacts load without their (absent) heads."""
+    """-> (model in eval mode, extra). Serving artifacts load without heads."""
     payload = torch.load(Path(path), map_location=map_location, weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint")
-    model = FoundationModel(FMConfig.from_dict(payload["config"]))
+    # A serving artifact builds the TAE path only: no task heads, no alignment modules.
+    model = FoundationModel(FMConfig.from_dict(payload["config"]), with_heads=not payload["serving"])
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
-    bad = [k for k in missing if not (payload["serving"] and model.is_head_param(k))]
-    if bad or unexpected:
-        raise ValueError(f"checkpoint/model mismatch: missing={bad} unexpected={unexpected}")
+    if missing or unexpected:
+        raise ValueError(f"checkpoint/model mismatch: missing={missing} unexpected={unexpected}")
     model.eval()
     return model, payload["extra"]
 

@@ -90,8 +90,11 @@ def as_content_matrix(item_content: object, config: FMConfig) -> Tensor | None:
 
 
 class FoundationModel(nn.Module):
-    def __init__(self, config: FMConfig, item_content: object = None) -> None:
-        """item_content: optional float [n_items, config.content_dim] (array or tensor)."""
+    def __init__(
+        self, config: FMConfig, item_content: object = None, *, with_heads: bool = True
+    ) -> None:
+        """item_content: optional float [n_items, config.content_dim] (array or tensor).
+        with_heads=False builds the TAE path only (what a serving artifact holds)."""
         super().__init__()
         self.config = config
         d = config.d_model
@@ -107,9 +110,11 @@ class FoundationModel(nn.Module):
         )
         self.norm_out = nn.LayerNorm(d)
         # heads: used for training only, left out of the serving artifact
-        self.main_head = nn.Linear(d, len(config.main_tasks))
+        self.main_head = nn.Linear(d, len(config.main_tasks)) if with_heads else None
         self.aux_heads = nn.ModuleDict(
             {s: AlignmentModule(d, d, len(ts)) for s, ts in config.aux_tasks.items() if ts}
+            if with_heads
+            else {}
         )
         self.apply(self._init_weights)
 

@@ -13,7 +13,7 @@ def load_tae_function(
     repo: FeatureRepo, version: FMVersion, histories: UserHistories
 ) -> TAEFunction:
     """TAEs of `version` for (user, item, time) rows, with history taken from `histories`."""
-    model, _ = load_checkpoint(repo.data / version.checkpoint)
+    model, _ = load_checkpoint(version.model_path(repo))
     if histories.surfaces != model.config.surfaces:
         # Surface ids are positions in these lists; a mismatch would silently swap surfaces.
         raise ValueError(

@@ -35,11 +35,19 @@ class FMVersion(BaseModel):
     dim: int = Field(gt=0)
     checkpoint: str  # path relative to the repo's data dir
     digest: str  # sha256 of the checkpoint file
+    # the pruned serving artifact (TAE path only) that logging and serving load, relative to
+    # the data dir; None: they load the full checkpoint
+    serving_artifact: str | None = None
     status: Literal["active", "retired"] = "active"
     training_window: tuple[str, str]  # ISO timestamps [start, end)
     ttl_seconds: int = Field(default=7 * 86400, gt=0)
     created_at: str
     description: str = ""
+
+
+    def model_path(self, repo: FeatureRepo) -> Path:
+        """What computing this version's TAEs loads: the serving artifact where there is one."""
+        return repo.data / (self.serving_artifact or self.checkpoint)
 
 
 class Manifest(BaseModel):

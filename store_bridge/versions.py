@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fm import checkpoint_digest, load_checkpoint
+from fm.export import export_serving
 from store_bridge.online import RedisEmbeddingStore
 from store_bridge.redis_server import redis_client
 from store_bridge.repo import FeatureRepo, FMVersion, feast_apply, now_iso
@@ -41,10 +42,14 @@ def publish(
     repo.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     target = repo.checkpoints_dir / f"{version}.pt"
     shutil.copyfile(checkpoint, target)
+    # Logging and serving load only the TAE path: no task heads, no alignment modules.
+    serving = repo.checkpoints_dir / f"{version}.serving.pt"
+    export_serving(target, serving)
     entry = FMVersion(
         version=version,
         dim=model.config.d_model,
         checkpoint=str(target.relative_to(repo.data)),
+        serving_artifact=str(serving.relative_to(repo.data)),
         digest=checkpoint_digest(target),
         training_window=training_window,
         ttl_seconds=ttl_seconds,
@@ -112,11 +117,13 @@ def gc(repo: FeatureRepo, version: str, redis_url: str, *, pinned_by: list[str])
     tae_dir = repo.tae_dir(version)
     files = sum(1 for p in tae_dir.rglob("*") if p.is_file()) if tae_dir.exists() else 0
     shutil.rmtree(tae_dir, ignore_errors=True)
-    checkpoint = (repo.data / entry.checkpoint).resolve()
-    # Only a copy that publish made under data/checkpoints/ is ours to delete.
-    removed = checkpoint.is_file() and checkpoint.is_relative_to(repo.checkpoints_dir.resolve())
-    if removed:
-        checkpoint.unlink()
+    removed = False
+    for name in (entry.checkpoint, entry.serving_artifact):
+        path = (repo.data / name).resolve() if name else None
+        # Only copies that publish made under data/checkpoints/ are ours to delete.
+        if path and path.is_file() and path.is_relative_to(repo.checkpoints_dir.resolve()):
+            path.unlink()
+            removed = True
     manifest = repo.load_manifest()
     del manifest.versions[version]
     repo.save_manifest(manifest)

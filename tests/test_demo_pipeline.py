@@ -126,3 +126,35 @@ def test_expert_pinning_unknown_version_fails_feast_apply(feature_repo, redis_ur
     )
     with pytest.raises(FeastApplyError, match="pins FM version 'v7'"):
         feast_apply(repo, redis_url)
+
+
+def test_versions_log_and_serve_from_the_pruned_artifact(demo_repo):
+    """Publishing exports the TAE-only artifact; logging and serving load it, and it gives
+    the very TAEs that were logged."""
+    import torch
+
+    from fm import TAEEngine, UserHistories, load_checkpoint
+    from store_bridge.events.files import read_dataset
+    from store_bridge.events.schema import timestamps_us
+
+    repo, _ = demo_repo
+    entry = repo.load_manifest().versions["v2"]
+    assert entry.serving_artifact and entry.model_path(repo).name == "v2.serving.pt"
+    full, _ = load_checkpoint(repo.data / entry.checkpoint)
+    pruned, _ = load_checkpoint(entry.model_path(repo))
+    pruned_keys = set(pruned.state_dict())
+    assert not any(k.startswith(("main_head.", "aux_heads.")) for k in pruned_keys)
+    assert any(k.startswith("aux_heads.") for k in full.state_dict())
+    assert (repo.data / entry.checkpoint).stat().st_size > entry.model_path(repo).stat().st_size
+    logged = pd.read_parquet(repo.tae_dir("v2")).head(50)
+    events, _, spec = read_dataset(repo.events_dir)
+    keys = ["user_id", "item_id", "event_timestamp"]
+    rows = logged.merge(events[[*keys, "surface", "hour"]], on=keys, how="left")  # logged order
+    engine = TAEEngine(pruned, UserHistories.from_events(events, spec.surfaces))
+    with torch.no_grad():
+        got = engine.compute(
+            rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
+            timestamps_us(rows["event_timestamp"]), rows["surface"].to_numpy(),
+            rows["hour"].to_numpy(),
+        )
+    np.testing.assert_allclose(got, np.stack(logged["embedding"]), atol=1e-6)
