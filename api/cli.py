@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from api.settings import Settings
-
-# ibis (under Feast's DuckDB store) warns about its own use of a deprecated DuckDB call.
-warnings.filterwarnings("ignore", message=r"fetch_arrow_table\(\) is deprecated")
 
 app = typer.Typer(
     help="foundex: a Feast-centred embedding service for the Foundation-Expert paradigm.",

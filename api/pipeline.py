@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,11 +197,13 @@ def run_demo(
     from feast import FeatureStore
 
     fs = FeatureStore(repo_path=str(repo.path))
-    fs.materialize(
-        start_date=(events[EVENT_TIMESTAMP].min() - pd.Timedelta(days=1)).to_pydatetime(),
-        end_date=(end + pd.Timedelta(seconds=1)).to_pydatetime(),
-        feature_views=[ITEM_VIEW, USER_HISTORY_VIEW],
-    )
+    with warnings.catch_warnings():  # ibis's own use of a deprecated DuckDB call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fs.materialize(
+            start_date=(events[EVENT_TIMESTAMP].min() - pd.Timedelta(days=1)).to_pydatetime(),
+            end_date=(end + pd.Timedelta(seconds=1)).to_pydatetime(),
+            feature_views=[ITEM_VIEW, USER_HISTORY_VIEW],
+        )
     # Feast's DuckDB store reads through ibis's default backend; dropping it lets its DuckDB
     # connection close now rather than at interpreter exit (where nanobind reports leaks).
     import ibis
