@@ -29,7 +29,7 @@ from experts import (
 )
 from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
 from store_bridge.events.files import write_dataset
-from store_bridge.events.schema import EVENT_TIMESTAMP
+from store_bridge.events.schema import EVENT_TIMESTAMP, time_windows
 from store_bridge.events.synthetic import SyntheticConfig, generate
 from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
 from store_bridge.fm_tier import load_tae_function
@@ -87,15 +87,6 @@ def reset_state(repo: FeatureRepo, redis_url: str) -> None:
         shutil.rmtree(tae, ignore_errors=True)
 
 
-def time_windows(events: pd.DataFrame) -> dict[str, tuple[pd.Timestamp, pd.Timestamp]]:
-    """FM trains on the first 60% of the log; experts train on the next 20%, are judged on the
-    last 20% (always a later window than anything they or the FM trained on)."""
-    t0, t1 = events[EVENT_TIMESTAMP].min(), events[EVENT_TIMESTAMP].max() + pd.Timedelta(1, "us")
-    span = t1 - t0
-    fm_end, expert_end = (t0 + span * 0.6).floor("s"), (t0 + span * 0.8).floor("s")
-    return {"fm": (t0, fm_end), "expert_train": (fm_end, expert_end), "eval": (expert_end, t1)}
-
-
 def write_user_history(repo: FeatureRepo, events: pd.DataFrame, as_of: pd.Timestamp) -> Path:
     """Each user's most recent events as of `as_of`: the expert's short-term input at serving."""
     users = np.sort(events["user_id"].unique())
@@ -151,11 +142,7 @@ def run_demo(
     say("2/7 FM training (small v1, large v2), one streaming pass each")
     fm_start, fm_end = windows["fm"]
     fm_kw = dict(
-        n_items=spec.n_items,
-        surfaces=spec.surfaces,
-        main_tasks=spec.main_tasks,
-        aux_tasks={s: spec.fm_aux_tasks(s) for s in spec.surfaces},
-        n_actions=spec.n_actions,
+        **spec.fm_fields(),
         max_history=size.fm_max_history,
     )
     versions = {}

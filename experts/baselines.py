@@ -14,18 +14,14 @@ shared and the only thing that differs between variants is the input.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from experts.config import ExpertConfig
-from experts.dataset import HISTORY_COLUMNS, add_recent_history, batch_inputs, to_tensors
-from experts.model import ExpertModel
-from experts.train import TRAIN_THREADS, evaluate, masked_bce, torch_threads
+from experts.dataset import HISTORY_COLUMNS, add_recent_history
+from experts.train import evaluate, train_expert
 from store_bridge.events.schema import EVENT_TIMESTAMP
 
 FM_VARIANTS = ("ue", "tae_small", "tae", "ue_tae")
@@ -124,52 +120,6 @@ def variant_vectors(variant: str, vectors: dict[str, np.ndarray]) -> np.ndarray 
     return vectors[variant]
 
 
-def fit_expert(
-    cfg: ExpertConfig,
-    frame: pd.DataFrame,
-    *,
-    n_items: int,
-    n_categories: int,
-    n_actions: int,
-    tae_dim: int | None,
-    progress: bool = False,
-) -> ExpertModel:
-    """`experts.train.train_expert`'s loop (same seeding, optimiser, masked BCE), with every
-    task head's bias starting at the logit of the task's base rate in `frame`.
-
-    Short runs on tasks with 0.1% positives otherwise spend all their steps walking the bias
-    from logit 0 to about -7, and their NE says more about that walk than about the features.
-    Every variant gets the same start, so comparisons between them stay fair.
-    """
-    tensors = to_tensors(frame, cfg, tae_dim)
-    labels = tensors["labels"]
-    n = len(frame)
-    with torch.random.fork_rng(devices=[]), torch_threads(TRAIN_THREADS):
-        torch.manual_seed(cfg.seed)
-        model = ExpertModel(cfg, tae_dim, n_items, n_categories, n_actions)
-        with torch.no_grad():
-            for j, head in enumerate(model.heads):
-                y = labels[:, j][~torch.isnan(labels[:, j])]
-                if len(y):
-                    p = float(y.mean().clamp(1e-4, 1 - 1e-4))
-                    head.bias.fill_(math.log(p / (1 - p)))
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        shuffle = torch.Generator().manual_seed(cfg.seed)
-        steps = cfg.epochs * -(-n // cfg.batch_size)
-        bar = tqdm(total=steps, desc=f"expert {cfg.name}", disable=not progress, leave=False)
-        model.train()
-        for _ in range(cfg.epochs):
-            for idx in torch.randperm(n, generator=shuffle).split(cfg.batch_size):
-                loss = masked_bce(model(**batch_inputs(tensors, idx)), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                bar.update(1)
-        bar.close()
-    model.eval()
-    return model
-
-
 def train_variant(
     variant: str,
     train: pd.DataFrame,
@@ -192,7 +142,7 @@ def train_variant(
     vec_tr = variant_vectors(variant, vectors_train)
     vec_te = variant_vectors(variant, vectors_test)
     dim = None if vec_tr is None else int(vec_tr.shape[1])
-    model = fit_expert(
+    model = train_expert(
         cfg,
         with_embedding(train, vec_tr, cfg.history_length),
         n_items=n_items,

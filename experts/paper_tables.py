@@ -48,7 +48,7 @@ from fm.batching import Requests
 from fm.metrics import NEAccumulator
 from fm.model import FoundationModel
 from fm.user_embedding import compute_user_embeddings, train_ue_streaming
-from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, time_windows
 
 DATASETS = ("synthetic", "kuairand", "movielens")
 TABLE1_VARIANTS = ("ue", "tae", "ue_tae")
@@ -118,15 +118,6 @@ def load_data(
     return events, items, spec
 
 
-def time_windows(events: pd.DataFrame) -> dict[str, tuple[pd.Timestamp, pd.Timestamp]]:
-    """As api.pipeline.time_windows: FM on the first 60%, experts train on the next 20% and
-    are judged on the last 20%."""
-    t0, t1 = events[EVENT_TIMESTAMP].min(), events[EVENT_TIMESTAMP].max() + pd.Timedelta(1, "us")
-    span = t1 - t0
-    fm_end, expert_end = (t0 + span * 0.6).floor("s"), (t0 + span * 0.8).floor("s")
-    return {"fm": (t0, fm_end), "expert_train": (fm_end, expert_end), "eval": (expert_end, t1)}
-
-
 def choose_surfaces(events: pd.DataFrame, spec: DatasetSpec, data: str, k: int) -> list[str]:
     """synthetic: feed; otherwise the k surfaces with the most events."""
     if data == "synthetic":
@@ -190,11 +181,7 @@ def run_seed(
     fm_end = windows["fm"][1]
     split = windows["eval"][0]
     fm_kw = dict(
-        n_items=spec.n_items,
-        surfaces=spec.surfaces,
-        main_tasks=spec.main_tasks,
-        aux_tasks={s: spec.fm_aux_tasks(s) for s in spec.surfaces},
-        n_actions=spec.n_actions,
+        **spec.fm_fields(),
         max_history=plan.fm_max_history,
         batch_requests=plan.fm_batch_requests,
         seed=seed,

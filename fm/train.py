@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,15 @@ def train_streaming(
     max_steps: int | None = None,
     progress: bool = True,
     item_content: Any = None,
+    model_factory: Callable[[FMConfig, Any], FoundationModel] = FoundationModel,
 ) -> TrainResult:
     """One pass of AdamW over request-shaped batches of events with timestamp < end.
 
     max_steps caps the total step count (resumed steps included). If checkpoint_dir holds a
     checkpoint, training resumes after its step with its optimizer and NE state.
     item_content: optional float [n_items, config.content_dim], the per-item content vectors.
+    model_factory: builds the model from (config, item_content) once the seed is set; a
+    variant with the same heads and loss (e.g. the user-level-embedding baseline) trains alike.
     """
     t0 = time.perf_counter()
     if end is not None:
@@ -79,7 +83,7 @@ def train_streaming(
     torch.manual_seed(config.seed)
     histories = UserHistories.from_events(events, config.surfaces)
     requests = Requests.from_events(events, config)
-    model = FoundationModel(config, item_content)
+    model = model_factory(config, item_content)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     acc = {t: NEAccumulator() for t in config.fm_tasks}
     step = 0

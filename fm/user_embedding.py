@@ -15,8 +15,6 @@ encoder (UE) instead of inside the attention (TAE). `compute_user_embeddings` gi
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import numpy as np
@@ -24,14 +22,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch import Tensor
-from tqdm import tqdm
 
-from fm.batching import Batch, Requests, collate
+from fm.batching import Batch, collate
 from fm.config import FMConfig
 from fm.history import UserHistories
-from fm.metrics import NEAccumulator
 from fm.model import FoundationModel
-from fm.train import TrainResult, _update_ne, _utc
+from fm.train import TrainResult, train_streaming
 
 
 class UserEmbeddingModel(FoundationModel):
@@ -71,38 +67,9 @@ def train_ue_streaming(
 ) -> TrainResult:
     """One streaming pass, exactly as `fm.train.train_streaming` (same batches, optimiser,
     loss and progressive-validation NE), for the UE model. No checkpoints."""
-    t0 = time.perf_counter()
-    if end is not None:
-        events = events[events["event_timestamp"] < _utc(end)]
-    torch.manual_seed(config.seed)
-    histories = UserHistories.from_events(events, config.surfaces)
-    requests = Requests.from_events(events, config)
-    model = UserEmbeddingModel(config, item_content)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    acc = {t: NEAccumulator() for t in config.fm_tasks}
-    bs = config.batch_requests
-    n_steps = math.ceil(len(requests) / bs)
-    if max_steps is not None:
-        n_steps = min(n_steps, max_steps)
-    bar = tqdm(total=n_steps, disable=not progress, desc="ue train")
-    model.train()
-    for step in range(n_steps):
-        batch = requests.batch(step * bs, min((step + 1) * bs, len(requests)), histories, config)
-        outputs = model.task_outputs(batch, model(batch))
-        _update_ne(acc, outputs)
-        loss, _ = model.loss_from_outputs(outputs)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.update(1)
-    bar.close()
-    model.eval()
-    return TrainResult(
-        model=model,
-        ne={t: a.value() for t, a in acc.items()},
-        steps=n_steps,
-        seconds=time.perf_counter() - t0,
+    return train_streaming(
+        events, config, end=end, max_steps=max_steps, progress=progress,
+        item_content=item_content, model_factory=UserEmbeddingModel,
     )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,6 +63,17 @@ class DatasetSpec:
             for t in self.surface_tasks[surface]
             if t not in self.main_tasks and t not in self.unseen_tasks
         ]
+
+    def fm_fields(self) -> dict[str, Any]:
+        """The dataset's part of an `fm.FMConfig`: items, surfaces, the tasks the FM trains on
+        (never the unseen ones), actions."""
+        return {
+            "n_items": self.n_items,
+            "surfaces": list(self.surfaces),
+            "main_tasks": list(self.main_tasks),
+            "aux_tasks": {s: self.fm_aux_tasks(s) for s in self.surfaces},
+            "n_actions": self.n_actions,
+        }
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -120,3 +132,12 @@ def validate_events(df: pd.DataFrame, spec: DatasetSpec) -> None:
     unknown = set(df["surface"].unique()) - set(spec.surfaces)
     if unknown:
         raise ValueError(f"event log has surfaces not in the spec: {sorted(unknown)}")
+
+
+def time_windows(events: pd.DataFrame) -> dict[str, tuple[pd.Timestamp, pd.Timestamp]]:
+    """FM trains on the first 60% of the log; experts train on the next 20%, are judged on the
+    last 20% (always a later window than anything they or the FM trained on)."""
+    t0, t1 = events[EVENT_TIMESTAMP].min(), events[EVENT_TIMESTAMP].max() + pd.Timedelta(1, "us")
+    span = t1 - t0
+    fm_end, expert_end = (t0 + span * 0.6).floor("s"), (t0 + span * 0.8).floor("s")
+    return {"fm": (t0, fm_end), "expert_train": (fm_end, expert_end), "eval": (expert_end, t1)}
