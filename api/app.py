@@ -7,6 +7,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from api.settings import Settings
 from api.state import Conflict, NotFound, ServingState, as_int_array
 from experts import predict
 from store_bridge.online import StoreUnavailable
+from store_bridge.repo import FMVersion, view_name
 
 try:  # optional speed-up: orjson writes float32 rows straight from NumPy
     import orjson
@@ -59,8 +61,30 @@ class VersionInfo(BaseModel):
     created_at: str
 
 
+    @classmethod
+    def of(cls, v: FMVersion) -> VersionInfo:
+        return cls(
+            version=v.version,
+            dim=v.dim,
+            status=v.status,
+            view=view_name(v.version),
+            checkpoint_digest=v.digest,
+            training_window=v.training_window,
+            ttl_seconds=v.ttl_seconds,
+            created_at=v.created_at,
+        )
+
+
 class VersionList(BaseModel):
     versions: list[VersionInfo]
+
+
+class PublishRequest(BaseModel):
+    checkpoint: str = Field(min_length=1, description="path of an FM checkpoint on the server")
+    train_start: str = Field(min_length=1, description="ISO start of the training window")
+    train_end: str = Field(min_length=1, description="ISO end of the training window")
+    ttl_days: int = Field(default=7, gt=0, le=3650)
+    description: str = Field(default="", max_length=500)
 
 
 class ExpertInfo(BaseModel):
@@ -218,21 +242,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @read.get("/fm-versions", response_model=VersionList)
     def fm_versions(state: State) -> VersionList:
-        return VersionList(
-            versions=[
-                VersionInfo(
-                    version=v.version,
-                    dim=v.dim,
-                    status=v.status,
-                    view=f"fm_tae_{v.version}",
-                    checkpoint_digest=v.digest,
-                    training_window=v.training_window,
-                    ttl_seconds=v.ttl_seconds,
-                    created_at=v.created_at,
-                )
-                for v in state.manifest().versions.values()
-            ]
-        )
+        return VersionList(versions=[VersionInfo.of(v) for v in state.manifest().versions.values()])
 
     @read.get("/experts", response_model=ExpertList)
     def experts(state: State) -> ExpertList:
@@ -342,6 +352,29 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         return RetireResponse(
             version=entry.version, status=entry.status, forced=bool(pinned), pinned_by=pinned
         )
+
+    @admin.post(
+        "/fm-versions",
+        response_model=VersionInfo,
+        status_code=201,
+        responses={422: {"model": ErrorBody, "description": "Not a loadable FM checkpoint"}},
+    )
+    def publish_version(req: PublishRequest, state: State) -> VersionInfo:
+        """Publish a checkpoint as the next FM version (its own view), as `foundex fm publish`."""
+        from store_bridge.repo import FeastApplyError
+        from store_bridge.versions import VersionError, publish
+
+        try:
+            entry = publish(
+                state.repo, Path(req.checkpoint), state.redis_url,
+                training_window=(req.train_start, req.train_end),
+                ttl_seconds=req.ttl_days * 86400, description=req.description,
+            )
+        except (VersionError, ValueError, OSError) as e:
+            raise HTTPException(422, f"cannot publish {req.checkpoint}: {e}") from e
+        except FeastApplyError as e:
+            raise HTTPException(503, f"feast apply failed: {str(e).splitlines()[0]}") from e
+        return VersionInfo.of(entry)
 
     @admin.post("/experts/reload", response_model=ReloadResponse)
     def reload_experts(state: State) -> ReloadResponse:

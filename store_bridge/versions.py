@@ -36,7 +36,10 @@ def publish(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise VersionError(f"checkpoint not found: {checkpoint}")
-    model, _ = load_checkpoint(checkpoint)  # refuse a file that is not a loadable FM
+    try:
+        model, _ = load_checkpoint(checkpoint)
+    except Exception as e:  # torch raises many kinds on foreign files; all mean "not an FM"
+        raise VersionError(f"{checkpoint} is not a loadable FM checkpoint: {e}") from e
     manifest = repo.load_manifest()
     version = manifest.next_version()
     repo.checkpoints_dir.mkdir(parents=True, exist_ok=True)

@@ -159,3 +159,27 @@ def test_logs_carry_request_ids_but_no_secrets(secured):
     assert '"route": "/v1/embeddings/lookup"' in text
     for secret in (READER, ADMIN, "987654"):
         assert secret not in text
+
+
+def test_publish_via_admin_api_on_a_copy(demo_repo, redis_url, tmp_path):
+    repo, _ = demo_repo
+    path = tmp_path / "repo"
+    shutil.copytree(repo.path, path, ignore=shutil.ignore_patterns("redis"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    app = create_app(Settings(repo=path, redis_url=redis_url, admin_token=ADMIN), redis_url)
+    body = {
+        "checkpoint": str(path / "data" / "checkpoints" / "v1.pt"),
+        "train_start": "2026-01-01T00:00:00+00:00",
+        "train_end": "2026-01-10T00:00:00+00:00",
+    }
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        assert client.post("/v1/admin/fm-versions", json=body).status_code == 401
+        for bad in [str(tmp_path / "missing.pt"), str(tmp_path / "notes.txt")]:
+            r = client.post("/v1/admin/fm-versions", json={**body, "checkpoint": bad},
+                            headers=bearer(ADMIN))
+            assert r.status_code == 422 and bad in r.json()["detail"], r.text
+        r = client.post("/v1/admin/fm-versions", json=body, headers=bearer(ADMIN))
+        assert r.status_code == 201, r.text
+        assert (r.json()["version"], r.json()["dim"], r.json()["status"]) == ("v3", 32, "active")
+        listed = [v["version"] for v in client.get("/v1/fm-versions").json()["versions"]]
+        assert listed == ["v1", "v2", "v3"]
