@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from experts.config import ExpertConfig
-from experts.features import recent_history, timestamps_us
-from store_bridge.events.schema import EVENT_TIMESTAMP
+from experts.features import recent_history
+from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
 
 ExpertFrame = pd.DataFrame  # documented above; an alias so signatures say what they expect
 

@@ -10,13 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from store_bridge.events.schema import EVENT_TIMESTAMP, as_microseconds
-
-
-def timestamps_us(ts: pd.Series) -> np.ndarray:
-    """A timestamp column as int64 microseconds since the epoch (UTC)."""
-    naive = as_microseconds(ts).dt.tz_localize(None)
-    return naive.to_numpy(dtype="datetime64[us]").view(np.int64)
+from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
 
 
 def recent_history(

@@ -41,14 +41,13 @@ from experts.baselines import (
     base_frame,
     train_variant,
 )
-from experts.features import timestamps_us
 from experts.metrics import transfer_ratio
 from fm import FMConfig, TAEEngine, UserHistories, train_streaming
 from fm.batching import Requests
 from fm.metrics import NEAccumulator
 from fm.model import FoundationModel
 from fm.user_embedding import compute_user_embeddings, train_ue_streaming
-from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, time_windows
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, time_windows, timestamps_us
 
 DATASETS = ("synthetic", "kuairand", "movielens")
 TABLE1_VARIANTS = ("ue", "tae", "ue_tae")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from experts import add_recent_history, recent_history
-from experts.features import timestamps_us
+from store_bridge.events.schema import timestamps_us
 
 T0 = 1_767_571_200_000_000  # 2026-01-05 in microseconds
 
