@@ -207,8 +207,7 @@ def log_cmd(
     (partitioned parquet) and online (Redis, Feast's layout). Safe to rerun."""
     import pandas as pd
 
-    from fm import UserHistories
-    from store_bridge.fm_tier import load_tae_function
+    from store_bridge.fm_tier import load_tae_function, repo_histories
     from store_bridge.logging_tier import BadEmbeddings, log_version, prepare_impressions
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
@@ -225,11 +224,9 @@ def log_cmd(
     active = fr.load_manifest().active()
     if not active:
         _fail("no active FM version to log")
-    from store_bridge.events.schema import DatasetSpec
-
-    spec = DatasetSpec.load(fr.events_dir / "spec.json")
-    events = pd.read_parquet(fr.events_dir / "events.parquet")
-    histories = UserHistories.from_events(events, spec.surfaces)
+    histories = repo_histories(fr)
+    if histories is None:
+        _fail(f"no event log (events.parquet and spec.json) in {fr.events_dir}")
     store = RedisEmbeddingStore(redis_client(_redis(settings), timeout=30), fr.project)
     for entry in active:
         try:

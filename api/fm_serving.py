@@ -39,23 +39,13 @@ class FMTier:
         self._lock = threading.Lock()
 
     def _load_histories(self):
-        if self._histories_loaded:
-            return self._histories
-        import pandas as pd
+        if not self._histories_loaded:
+            from store_bridge.fm_tier import repo_histories
 
-        from fm import UserHistories
-        from store_bridge.events.schema import DatasetSpec
-
-        events_path = self.repo.events_dir / "events.parquet"
-        spec_path = self.repo.events_dir / "spec.json"
-        if events_path.is_file() and spec_path.is_file():
-            spec = DatasetSpec.load(spec_path)
-            events = pd.read_parquet(events_path)
-            self._histories = UserHistories.from_events(events, spec.surfaces)
-        else:
-            log.warning("read-through off: no event log at %s", events_path)
-            self._histories = None
-        self._histories_loaded = True
+            self._histories = repo_histories(self.repo)
+            if self._histories is None:
+                log.warning("read-through off: no event log in %s", self.repo.events_dir)
+            self._histories_loaded = True
         return self._histories
 
     def _engine(self, version: FMVersion) -> _Engine | None:
@@ -67,20 +57,16 @@ class FMTier:
             histories = self._load_histories()
             if histories is None:
                 return None
-            from fm import TAEEngine, load_checkpoint
+            from store_bridge.fm_tier import load_engine
 
-            path = version.model_path(self.repo)
             try:
-                model, _ = load_checkpoint(path)
+                # The history cache keeps each user's encoded history across requests until
+                # it grows.
+                engine = load_engine(self.repo, version, histories, history_cache=True)
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 log.warning("read-through off for %s: %s", version.version, e)
                 return None
-            cfg = model.config
-            if cfg.surfaces != histories.surfaces or cfg.d_model != version.dim:
-                log.warning("read-through off for %s: checkpoint does not match", version.version)
-                return None
-            # The history cache keeps each user's encoded history across requests until it grows.
-            engine = TAEEngine(model, histories, history_cache=True)
+            cfg = engine.config
             eng = _Engine(engine, cfg.n_items, list(cfg.surfaces),
                           threading.Lock())
             self._engines[key] = eng

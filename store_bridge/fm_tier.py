@@ -1,18 +1,32 @@
-"""The FM inference tier: a published version's checkpoint turned into a TAE function."""
+"""The FM inference tier: a published version's model turned into TAEs, with the histories
+taken from the repo's event log. Logging and the service's read-through share it."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from fm import TAEEngine, UserHistories, load_checkpoint
+from store_bridge.events.schema import DatasetSpec
 from store_bridge.logging_tier import TAEFunction
 from store_bridge.repo import FeatureRepo, FMVersion
 
 
-def load_tae_function(
-    repo: FeatureRepo, version: FMVersion, histories: UserHistories
-) -> TAEFunction:
-    """TAEs of `version` for (user, item, time) rows, with history taken from `histories`."""
+def repo_histories(repo: FeatureRepo) -> UserHistories | None:
+    """Every user's history from the repo's event log (surface codes in the dataset's order);
+    None when the repo has no event log."""
+    events_path, spec_path = repo.events_dir / "events.parquet", repo.events_dir / "spec.json"
+    if not (events_path.is_file() and spec_path.is_file()):
+        return None
+    spec = DatasetSpec.load(spec_path)
+    return UserHistories.from_events(pd.read_parquet(events_path), spec.surfaces)
+
+
+def load_engine(
+    repo: FeatureRepo, version: FMVersion, histories: UserHistories, *, history_cache: bool = False
+) -> TAEEngine:
+    """The version's TAE engine (serving artifact where there is one). ValueError when the
+    model does not fit the version or the histories."""
     model, _ = load_checkpoint(version.model_path(repo))
     if histories.surfaces != model.config.surfaces:
         # Surface ids are positions in these lists; a mismatch would silently swap surfaces.
@@ -20,7 +34,19 @@ def load_tae_function(
             f"FM {version.version} knows surfaces {model.config.surfaces}, "
             f"the histories encode {histories.surfaces}"
         )
-    engine = TAEEngine(model, histories)
+    if model.config.d_model != version.dim:
+        raise ValueError(
+            f"FM {version.version} is published as {version.dim}-d, its model is "
+            f"{model.config.d_model}-d"
+        )
+    return TAEEngine(model, histories, history_cache=history_cache)
+
+
+def load_tae_function(
+    repo: FeatureRepo, version: FMVersion, histories: UserHistories
+) -> TAEFunction:
+    """TAEs of `version` for (user, item, time) rows, with history taken from `histories`."""
+    engine = load_engine(repo, version, histories)
 
     def compute(users, items, ts_us, surfaces, hours) -> np.ndarray:
         return engine.compute(
@@ -29,4 +55,3 @@ def load_tae_function(
         )
 
     return compute
-
