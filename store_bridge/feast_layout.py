@@ -78,17 +78,22 @@ def float_list_header(dim: int) -> bytes:
     return full[: len(full) - 4 * dim]
 
 
-def encode_float_lists(matrix: np.ndarray) -> list[bytes]:
-    """Serialize each row of a [n, d] matrix as a Feast float_list Value."""
+def float_list_rows(matrix: np.ndarray) -> np.ndarray:
+    """Each row of a [n, d] matrix serialized as a Feast float_list Value: [n, width] uint8."""
     m = np.ascontiguousarray(matrix, dtype="<f4")
     n, d = m.shape
     header = np.frombuffer(float_list_header(d), dtype=np.uint8)
     buf = np.empty((n, len(header) + 4 * d), dtype=np.uint8)
     buf[:, : len(header)] = header
     buf[:, len(header) :] = m.view(np.uint8).reshape(n, 4 * d)
-    raw = buf.tobytes()
-    w = buf.shape[1]
-    return [raw[i * w : (i + 1) * w] for i in range(n)]
+    return buf
+
+
+def encode_float_lists(matrix: np.ndarray) -> list[bytes]:
+    """Serialize each row of a [n, d] matrix as a Feast float_list Value."""
+    buf = float_list_rows(matrix)
+    raw, w = buf.tobytes(), buf.shape[1]
+    return [raw[i * w : (i + 1) * w] for i in range(len(buf))]
 
 
 class LayoutError(ValueError):
@@ -133,23 +138,37 @@ def _varints(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8), length
 
 
-def encode_timestamps_us(ts_us: np.ndarray) -> list[bytes]:
-    """`encode_timestamp_us` for many event times at once (same bytes, no per-row protobuf)."""
+TIMESTAMP_WIDTH = 12  # the longest serialized Timestamp timestamp_records_us produces
+
+
+def timestamp_records_us(ts_us: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Serialized Timestamps of many event times, left-aligned in [n, TIMESTAMP_WIDTH] uint8
+    records, and each one's length; None if a time is before 1970 or after year 3058."""
     ts = np.asarray(ts_us, dtype=np.int64)
     secs, micros = np.divmod(ts, 1_000_000)
-    if len(ts) == 0 or secs.min() < 0 or secs.max() >= 2**35:
-        return [encode_timestamp_us(int(t)) for t in ts]
+    if len(ts) and (secs.min() < 0 or secs.max() >= 2**35):
+        return None
     sec_bytes, sec_len = _varints(secs, 5)
     nano_bytes, nano_len = _varints(micros * 1000, 5)
     n = len(ts)
-    rec = np.empty((n, 12), dtype=np.uint8)
+    rec = np.empty((n, TIMESTAMP_WIDTH), dtype=np.uint8)
     rec[:, 0], rec[:, 1:6], rec[:, 6], rec[:, 7:12] = 0x08, sec_bytes, 0x10, nano_bytes
-    keep = np.zeros((n, 12), dtype=bool)  # proto3 leaves zero-valued fields out
+    keep = np.zeros((n, TIMESTAMP_WIDTH), dtype=bool)  # proto3 leaves zero-valued fields out
     keep[:, 0] = secs != 0
     keep[:, 1:6] = (np.arange(5)[None, :] < sec_len[:, None]) & (secs != 0)[:, None]
     keep[:, 6] = micros != 0
     keep[:, 7:12] = (np.arange(5)[None, :] < nano_len[:, None]) & (micros != 0)[:, None]
-    raw = rec[keep].tobytes()
-    ends = np.cumsum(keep.sum(axis=1)).tolist()
-    starts = [0, *ends[:-1]]
-    return [raw[a:b] for a, b in zip(starts, ends, strict=True)]
+    out = np.zeros_like(rec)
+    rows, _ = np.nonzero(keep)
+    out[rows, (np.cumsum(keep, axis=1) - 1)[keep]] = rec[keep]
+    return out, keep.sum(axis=1)
+
+
+def encode_timestamps_us(ts_us: np.ndarray) -> list[bytes]:
+    """`encode_timestamp_us` for many event times at once (same bytes, no per-row protobuf)."""
+    records = timestamp_records_us(ts_us)
+    if records is None:
+        return [encode_timestamp_us(int(t)) for t in np.asarray(ts_us, dtype=np.int64)]
+    rec, lengths = records
+    raw = rec.tobytes()
+    return [raw[i * TIMESTAMP_WIDTH : i * TIMESTAMP_WIDTH + n] for i, n in enumerate(lengths.tolist())]

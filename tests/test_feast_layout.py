@@ -151,3 +151,47 @@ def test_feast_connection_string():
     )
     with pytest.raises(ValueError, match="redis://"):
         feast_connection_string("http://x")
+
+
+def test_scripted_write_keeps_the_latest_per_key(redis_url):
+    """One batch on a single Redis mixes keys stored newer, stored older, new, and repeated;
+    each key ends with its latest value and Feast's serialized event time."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from store_bridge.feast_layout import encode_timestamp_us, ts_field
+    from store_bridge.online import RedisEmbeddingStore
+    from store_bridge.redis_server import redis_client
+
+    store = RedisEmbeddingStore(redis_client(redis_url), "cas_t")
+    rng = np.random.default_rng(3)
+    dim, n = 16, 300
+    users, items = np.zeros(n, np.int64), np.arange(n, dtype=np.int64)
+    # Times with and without a sub-second part and of varied varint lengths.
+    base = np.array([1_767_571_200_000_000, 1_000_000, 1, 1_767_571_200_123_456])
+    first_ts = base[np.arange(n) % 4] + rng.integers(0, 10**9, n) * 1_000_000
+    first = rng.normal(size=(n, dim)).astype(np.float32)
+    assert store.write("v1", users, items, first_ts, first) == n
+
+    # Keys 0..99: the stored row is newer; 100..199: older; 200..299: never stored. Every key
+    # of the second batch comes twice, the later copy last, so only one of each may be kept.
+    second_ts = first_ts.copy()
+    second_ts[:100] -= 1
+    second_ts[100:200] += 1
+    items2 = np.concatenate([items + 1000 * (items >= 200), items + 1000 * (items >= 200)])
+    ts2 = np.concatenate([second_ts - 5, second_ts])
+    second = rng.normal(size=(2 * n, dim)).astype(np.float32)
+    assert store.write("v1", np.zeros(2 * n, np.int64), items2, ts2, second) == 200
+
+    got = store.read("v1", dim, 0, items)
+    np.testing.assert_array_equal(got.matrix[:100], first[:100])
+    np.testing.assert_array_equal(got.matrix[100:200], second[n + 100 : n + 200])
+    np.testing.assert_array_equal(store.read("v1", dim, 0, items[200:] + 1000).matrix, second[n + 200 :])
+    tfield = ts_field("fm_tae_v1")
+    keys = entity_keys("cas_t", {"user_id": np.zeros(3, np.int64), "item_id": np.array([0, 150, 1250])})
+    for key, want in zip(keys, [first_ts[0], second_ts[150], second_ts[250]], strict=True):
+        raw = store.client.hget(key, tfield)
+        assert raw == encode_timestamp_us(int(want))
+        t = Timestamp()
+        t.ParseFromString(raw)
+        assert t.seconds * 1_000_000 + t.nanos // 1000 == want
+    store.delete_version("v1")
