@@ -222,3 +222,43 @@ def test_two_versions_equal_feast_and_oracle(two_version_repo, taes, free_labels
             else:
                 assert a is not None and a[0] == w, where
                 assert b is not None and np.asarray(b)[0] == w, where + " (feast)"
+
+
+# Key values from a few anchors spread over int64, so that both the lookup-table and the
+# sorted-search ranking of key columns and the time ranks (times too far apart for offsets)
+# are exercised, and keys still meet. A tiny key bound also forces the re-ranking of key
+# tuples that a real table needs only past ~2^31 distinct values per column.
+anchors = st.sampled_from([-(2**62), -7, 0, 3, 2**40, 2**62])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    table=st.lists(
+        st.tuples(st.tuples(anchors, anchors, anchors), st.sampled_from([-(2**61), -1, 0, 5, 2**61])),
+        min_size=1, max_size=30,
+    ),
+    rows=st.lists(
+        st.tuples(st.tuples(anchors, anchors, anchors), st.sampled_from([-(2**62), -1, 0, 4, 5, 2**62])),
+        min_size=1, max_size=30,
+    ),
+    n_cols=st.integers(1, 3),
+    key_bound=st.sampled_from([2**62, 4]),
+)
+def test_asof_indices_equals_brute_force(table, rows, n_cols, key_bound):
+    from unittest import mock
+
+    from store_bridge import training_set
+
+    t_keys = [np.array([k[c] for k, _ in table], dtype=np.int64) for c in range(n_cols)]
+    r_keys = [np.array([k[c] for k, _ in rows], dtype=np.int64) for c in range(n_cols)]
+    t_ts = np.array([t for _, t in table], dtype=np.int64)
+    r_ts = np.array([t for _, t in rows], dtype=np.int64)
+    with mock.patch.object(training_set, "_KEY_BOUND", key_bound):
+        got = training_set.asof_indices(t_keys, t_ts, r_keys, r_ts)
+    for j, (key, t) in enumerate(rows):
+        best = -1
+        for i, (tkey, tt) in enumerate(table):
+            # Latest time <= the row's; on equal keys and time the later table row wins.
+            if tkey[:n_cols] == key[:n_cols] and tt <= t and (best < 0 or tt >= table[best][1]):
+                best = i
+        assert got[j] == best, (j, key, t)
