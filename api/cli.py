@@ -346,15 +346,22 @@ def bench_store_cmd(
     dim: Annotated[int, typer.Option(min=1, help="embedding dimension")] = 128,
     users: Annotated[int, typer.Option(min=1, help="logged rows = users x candidates")] = 40,
     repeats: Annotated[int, typer.Option(min=1, help="online reads per path (median)")] = 30,
+    batch_repeats: Annotated[
+        int, typer.Option(min=1, help="training-set builds and logging runs per path (median)")
+    ] = 3,
 ) -> None:
     """Store paths vs Feast on the same data: online read (foundex vs get_online_features vs
     raw redis-py pipeline), training set (point-in-time join vs get_historical_features,
     identical rows asserted), logging (rows/s vs write_to_online_store); a table, then one
-    JSON line. Runs in a scratch copy of the repo with its own project; cleans up after."""
+    JSON line. Each path is warmed up once before it is timed. Runs in a scratch copy of the
+    repo with its own project; cleans up after."""
     from store_bridge.bench import BenchSize, bench_store, format_table
 
     settings = _settings(repo)
-    size = BenchSize(rows=rows, candidates=candidates, dim=dim, users=users, repeats=repeats)
+    size = BenchSize(
+        rows=rows, candidates=candidates, dim=dim, users=users, repeats=repeats,
+        batch_repeats=batch_repeats,
+    )
     results = bench_store(_redis(settings), settings.repo, size, say=lambda s: typer.echo(s, err=True))
     typer.echo(format_table(results))
     typer.echo(json.dumps(results))

@@ -16,7 +16,8 @@ def test_bench_store_small(redis_url, feature_repo):
     env = dict(os.environ, REDIS_URL=redis_url)
     out = subprocess.run(
         [sys.executable, "-m", "api.cli", "bench", "store", "--repo", str(feature_repo),
-         "--rows", "5000", "--candidates", "100", "--dim", "16", "--users", "10", "--repeats", "3"],
+         "--rows", "5000", "--candidates", "100", "--dim", "16", "--users", "10", "--repeats", "3",
+         "--batch-repeats", "2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr
@@ -24,6 +25,7 @@ def test_bench_store_small(redis_url, feature_repo):
     result = json.loads(lines[-1])
     assert "online read 100 x 16-d" in out.stdout and "training set 5,000 rows" in out.stdout
     assert result["training"]["identical_rows"] is True
+    assert result["training"]["runs"] == result["logging"]["runs"] == 2
     assert 0 < result["training"]["rows_with_embedding"] < 5000
     assert set(result["ratios"]) == set(result["targets_met"]) == {
         "online_speedup_vs_feast", "online_slowdown_vs_raw", "training_speedup_vs_feast",
