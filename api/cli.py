@@ -420,18 +420,25 @@ def paper_tables_cmd(
     """The paper's four tables (UE/TAE vs no-FM, FM small->large with TR, unseen tasks, expert
     vs one-stage FLOPs) over several seeds, in memory; a markdown report and PNG plots, then
     one JSON object as the last line."""
-    from experts.paper_tables import DATASETS, run
+    from experts.paper_tables import DATASETS, DataError, run
 
     if data not in DATASETS:
         raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
+    if data != "synthetic" and data_path is None:
+        raise typer.BadParameter(f"required with --data {data}", param_hint="--data-path")
+    if data_path is not None and not data_path.exists():
+        raise typer.BadParameter(f"{data_path} does not exist", param_hint="--data-path")
     try:  # `--seeds 0 1 2`: click keeps the first value, the rest arrive as extra args
         all_seeds = list(seeds or []) + [int(a) for a in ctx.args]
     except ValueError:
         raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
-    result = run(
-        data, data_path, all_seeds or [0, 1, 2], time_budget, out,
-        say=typer.echo, progress=not no_progress,
-    )
+    try:
+        result = run(
+            data, data_path, all_seeds or [0, 1, 2], time_budget, out,
+            say=typer.echo, progress=not no_progress,
+        )
+    except DataError as e:
+        _fail(f"--data {data}: {e}")
     typer.echo((out / "report.md").read_text())
     typer.echo(json.dumps(result))
 

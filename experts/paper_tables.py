@@ -88,7 +88,20 @@ def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
     return Plan(3000, 48, 1500, ExpertSize(64, 8, 2, 512, min_steps=200, max_epochs=8), 1)
 
 
+class DataError(ValueError):
+    """The dataset named for a run is missing or not in the format its loader reads."""
+
+
 def load_data(
+    data: str, data_path: str | Path | None, plan: Plan
+) -> tuple[pd.DataFrame, pd.DataFrame, DatasetSpec]:
+    try:
+        return _load_data(data, data_path, plan)
+    except (ValueError, FileNotFoundError) as e:
+        raise DataError(str(e)) from e
+
+
+def _load_data(
     data: str, data_path: str | Path | None, plan: Plan
 ) -> tuple[pd.DataFrame, pd.DataFrame, DatasetSpec]:
     if data == "synthetic":

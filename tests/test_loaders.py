@@ -111,7 +111,10 @@ def test_movielens_loader(tmp_path, fmt):
     assert len(items) == 13
 
 
-def test_movielens_rejects_other_files(tmp_path):
-    (tmp_path / "u.data").write_text("a\tb\tc\n")
+@pytest.mark.parametrize(
+    "text", ["a\tb\tc\n", "not\ta\tratings\tfile\n", "1\t2\t9\t880000000\n", "", "1,2,3,4\n"]
+)
+def test_movielens_rejects_other_files(tmp_path, text):
+    (tmp_path / "u.data").write_text(text)
     with pytest.raises(ValueError, match="not a MovieLens ratings file"):
         load_movielens(tmp_path)

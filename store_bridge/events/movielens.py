@@ -22,13 +22,18 @@ TASKS = ["like", "love", "dislike"]
 
 def _read_ratings(path: Path) -> pd.DataFrame:
     names = ["user_id", "item_id", "rating", "ts"]
-    if path.name.endswith(".dat"):  # ml-1m: UserID::MovieID::Rating::Timestamp
-        df = pd.read_csv(path, sep="::", engine="python", names=names)
-    else:  # ml-100k u.data: tab separated
-        df = pd.read_csv(path, sep="\t", names=names)
-    if df.isna().any().any() or not df["rating"].between(1, 5).all():
-        raise ValueError(f"{path}: not a MovieLens ratings file (user item rating timestamp)")
-    return df
+    bad = f"{path}: not a MovieLens ratings file (user item rating timestamp, integers)"
+    try:
+        if path.name.endswith(".dat"):  # ml-1m: UserID::MovieID::Rating::Timestamp
+            df = pd.read_csv(path, sep="::", engine="python", names=names)
+        else:  # ml-100k u.data: tab separated
+            df = pd.read_csv(path, sep="\t", names=names)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' parser and empty-file errors
+        raise ValueError(f"{bad}: {e}") from e
+    df = df.apply(pd.to_numeric, errors="coerce")
+    if df.empty or df.isna().any().any() or not df["rating"].between(1, 5).all():
+        raise ValueError(bad)
+    return df.astype(np.int64)
 
 
 def ratings_file(path: Path) -> Path:
