@@ -6,7 +6,7 @@ one. This is the rule of Feast's `get_historical_features`, which the tests comp
 
 The join is an as-of search in NumPy over the key columns alone: key tuples ranked among the
 table's (a lookup table when the values are dense), offline rows sorted once by (entity, time),
-every label row's latest time found by bisecting its entity's run, all rows in lockstep. It yields which offline
+every label row's latest time found within its entity's run, all rows in lockstep. It yields which offline
 row (file, row number) holds each row's embedding; the vectors are then gathered from just
 those files, so the wide embeddings never go through a join. (DuckDB's ASOF join gives the same
 rows; on two cores this is several times faster and single-threaded.)
@@ -94,16 +94,21 @@ def asof_indices(
     bounds = np.concatenate([[0], np.cumsum(np.bincount(t_ent, minlength=n_ent))])
     ent = np.maximum(r_ent, 0)
     first = np.where(r_ent >= 0, bounds[ent], 0)
-    lo, hi = first.copy(), np.where(r_ent >= 0, bounds[ent + 1], 0)
-    # Bisect every row's run at once for the first time > the row's: a few vectorized steps
-    # (log2 of the longest run) instead of one full binary search over the table per row.
-    for _ in range(int(np.diff(bounds).max()).bit_length()):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        later = sorted_ts[np.minimum(mid, n_table - 1)] > row_ts
-        lo = np.where(active & ~later, mid + 1, lo)
-        hi = np.where(active & later, mid, hi)
-    return np.where(lo > first, order[np.maximum(lo - 1, 0)], -1)
+    end = np.where(r_ent >= 0, bounds[ent + 1], 0)
+    # Every row's upper bound within its run at once, by binary lifting: try steps of 2^k
+    # down to 1, taking a step while it stays in the run and on times <= the row's. A few
+    # vectorized passes (log2 of the longest run) instead of a binary search over the whole
+    # table per row; few large temporaries, which cost page faults at 1M rows.
+    pos = first.copy()
+    step = 1 << (int(np.diff(bounds).max()).bit_length() - 1)
+    while step:
+        cand = pos + step
+        ok = cand <= end
+        np.minimum(cand, n_table, out=cand)
+        ok &= sorted_ts[cand - 1] <= row_ts
+        np.copyto(pos, pos + step, where=ok)
+        step >>= 1
+    return np.where(pos > first, order[np.maximum(pos - 1, 0)], -1)
 
 
 def point_in_time_join(

@@ -110,7 +110,9 @@ def event_arrow_schema(tasks: list[str]) -> pa.Schema:
 
 def as_microseconds(ts: pd.Series) -> pd.Series:
     """Coerce a timestamp column to UTC microseconds (what Feast's DuckDB store accepts)."""
-    ts = pd.to_datetime(ts, utc=True)
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):  # to_datetime would box ~1000 values to check
+        return ts.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+    ts = pd.to_datetime(ts, utc=True)  # naive values are taken as UTC
     return ts.astype("datetime64[us, UTC]")
 
 
