@@ -411,7 +411,9 @@ def paper_tables_cmd(
     seeds: Annotated[
         list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
     ] = None,
-    time_budget: Annotated[float, typer.Option(min=1, help="seconds the run aims at")] = 120.0,
+    time_budget: Annotated[
+        float, typer.Option(min=1, help="seconds the run may take, roughly; sizes data and steps")
+    ] = 120.0,
     out: Annotated[Path, typer.Option(help="where report.md, result.json, PNGs go")] = Path(
         "paper_tables"
     ),

@@ -150,3 +150,40 @@ def test_ue_uses_history_strictly_before_ts(ue_setup):
     ue_early = compute_user_embeddings(model, UserHistories.from_events(earlier, spec.surfaces),
                                        [user], [t])
     assert not np.allclose(ue_full, ue_early)
+
+
+def _s(mean, std=0.1):
+    return {"mean": mean, "std": std, "n": 3}
+
+
+def test_targets_are_judged_from_the_tables():
+    from experts.paper_tables import check_targets
+
+    tables = {
+        "table1_ne_diff_vs_nofm": [
+            {"ue": _s(-1.0), "tae": _s(-2.0)},  # TAE ahead, clearly
+            {"ue": _s(-1.0), "tae": _s(-1.05)},  # ahead within noise
+            {"ue": _s(-2.0), "tae": _s(-1.0)},  # behind
+        ],
+        "table2_fm_small_vs_large": [{"tr": _s(0.9)}, {"tr": _s(0.5)}, {"tr": _s(None)}],
+        "table3_unseen_tasks": [{"tae": _s(-0.5)}],
+        "table4_flops": [
+            {"flops_ratio": 0.1, "mean_ne_expert": _s(0.95), "mean_ne_one_stage": _s(0.99)},
+            {"flops_ratio": 0.5, "mean_ne_expert": _s(0.95), "mean_ne_one_stage": _s(0.99)},
+        ],
+    }
+    t = check_targets(tables)
+    assert (t["tae_beats_ue"]["meeting"], t["tae_beats_ue"]["clear"], t["tae_beats_ue"]["met"]) == (2, 1, True)
+    assert (t["transfer_ratio"]["meeting"], t["transfer_ratio"]["rows"], t["transfer_ratio"]["met"]) == (1, 3, False)
+    assert t["unseen_gain"]["met"] and t["unseen_gain"]["clear"] == 1
+    assert (t["expert_flops"]["meeting"], t["expert_flops"]["met"]) == (1, False)
+
+
+def test_run_reports_its_targets(tiny_run):
+    out, result = tiny_run
+    targets = result["targets"]
+    assert set(targets) == {"tae_beats_ue", "transfer_ratio", "unseen_gain", "expert_flops"}
+    t1 = result["tables"]["table1_ne_diff_vs_nofm"]
+    assert targets["tae_beats_ue"]["rows"] == len(t1)
+    assert targets["tae_beats_ue"]["meeting"] == sum(r["tae"]["mean"] < r["ue"]["mean"] for r in t1)
+    assert "## Targets" in (out / "report.md").read_text()
