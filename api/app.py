@@ -142,7 +142,12 @@ class ScoreResponse(BaseModel):
     fm_version: str | None
     tasks: list[str]
     scores: list[list[float]]
-    missing_embeddings: list[int]
+    missing_embeddings: list[int] = Field(
+        description="indices scored without a TAE (none stored and none computable)"
+    )
+    computed_embeddings: list[int] = Field(
+        default=[], description="indices whose TAEs were computed now (read-through)"
+    )
 
 
 class Health(BaseModel):
@@ -312,9 +317,9 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         )
 
     @read.post("/experts/{name}/score", response_model=ScoreResponse)
-    async def score(name: str, req: ScoreRequest, state: State) -> ScoreResponse:
+    async def score(name: str, req: ScoreRequest, state: State, m: AppMetrics) -> ScoreResponse:
         _check_size(state, req.item_ids)
-        return await run_in_threadpool(_score, state, name, req)
+        return await run_in_threadpool(_score, state, m, name, req)
 
     admin = APIRouter(
         prefix="/v1/admin",
@@ -405,8 +410,12 @@ def _lookup_json(version: str, dim: int, matrix: np.ndarray, missing: list[int],
 
 
 def _read_through(state: ServingState, m: Metrics, version, user_id: int, items: np.ndarray,
-                  matrix: np.ndarray, missing: list[int], surface: str | None):
-    """Compute the missing rows with the same FM version, write them back, fill them in."""
+                  matrix: np.ndarray, missing: list[int], surface: str | None,
+                  *, surface_from_request: bool = True):
+    """Compute the missing rows with the same FM version, write them back, fill them in.
+
+    A surface the FM does not know is the caller's error (422) when the request named it;
+    when it is an expert's own surface, the stored rows are served as they are."""
     try:
         known = state.fm_tier.surfaces(version)  # loads the version's engine on first use
     except Exception:  # an unreadable event log or checkpoint: serve what is stored
@@ -415,6 +424,8 @@ def _read_through(state: ServingState, m: Metrics, version, user_id: int, items:
     if known is None:
         return matrix, missing, []
     if surface is not None and surface not in known:
+        if not surface_from_request:
+            return matrix, missing, []
         raise HTTPException(422, f"unknown surface {surface!r}; FM {version.version} knows {known}")
     now = datetime.now(UTC)
     holes = np.asarray(missing, dtype=np.int64)
@@ -443,7 +454,7 @@ def _read_through(state: ServingState, m: Metrics, version, user_id: int, items:
 _fetchers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="foundex-fetch")
 
 
-def _score(state: ServingState, name: str, req: ScoreRequest) -> ScoreResponse:
+def _score(state: ServingState, m: Metrics, name: str, req: ScoreRequest) -> ScoreResponse:
     cfg = state.expert(name)
     model = state.expert_model(cfg)  # loads from disk on first use: off the event loop
     items = as_int_array(req.item_ids)
@@ -465,10 +476,19 @@ def _score(state: ServingState, name: str, req: ScoreRequest) -> ScoreResponse:
     frame["recent_items"] = [_last_k(hist_items, k)] * len(items)
     frame["recent_actions"] = [_last_k(hist_actions, k)] * len(items)
     missing: list[int] = []
+    computed: list[int] = []
     if rows is not None:
-        missing = rows.missing
+        matrix, missing = rows.matrix, rows.missing
+        # The same read-through as a lookup: the expert scores with the TAE it was trained on
+        # rather than without one.
+        if missing and state.settings.read_through and version.status == "active":
+            matrix, missing, computed = _read_through(
+                state, m, version, req.user_id, items, matrix, missing, cfg.surface,
+                surface_from_request=False,
+            )
+        m.rows(len(items) - len(missing) - len(computed), len(computed), len(missing))
         gone = set(missing)
-        frame["embedding"] = [None if i in gone else r for i, r in enumerate(rows.matrix)]
+        frame["embedding"] = [None if i in gone else r for i, r in enumerate(matrix)]
     probs = predict(model, frame)
     return ScoreResponse(
         expert=cfg.name,
@@ -476,6 +496,7 @@ def _score(state: ServingState, name: str, req: ScoreRequest) -> ScoreResponse:
         tasks=cfg.tasks,
         scores=np.asarray(probs, dtype=float).tolist(),
         missing_embeddings=missing,
+        computed_embeddings=computed,
     )
 
 

@@ -317,7 +317,7 @@ def _mean(stat: dict[str, Any]) -> float:
 
 def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     """The issue's four targets, judged on the tables' means over seeds; each says how many
-    rows (surface, task) or surfaces meet it, and `met` when most do. `clear` counts rows
+    rows (surface, task) with numbers, or surfaces, meet it, and `met` when most do. `clear` counts rows
     that meet it by more than the seeds' spread (the larger std of the terms compared)."""
     t1, t2, t3, t4 = (tables[k] for k in (
         "table1_ne_diff_vs_nofm", "table2_fm_small_vs_large", "table3_unseen_tasks", "table4_flops"))
@@ -326,6 +326,11 @@ def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
         return {"rule": rule, "rows": len(rows), "meeting": int(sum(rows)),
                 "clear": int(sum(clear)), "met": bool(rows) and sum(rows) > len(rows) / 2}
 
+    def judged(rows: list[dict], *keys: str) -> list[dict]:
+        """Rows with numbers to compare (a task without positives in a window has none)."""
+        return [r for r in rows if all(math.isfinite(_mean(r[k])) for k in keys)]
+
+    t1, t2, t3 = judged(t1, "ue", "tae"), judged(t2, "tr"), judged(t3, "tae")
     tae_vs_ue = [_mean(r["tae"]) < _mean(r["ue"]) for r in t1]
     tae_vs_ue_clear = [
         _mean(r["ue"]) - _mean(r["tae"]) > max(r["tae"]["std"] or 0, r["ue"]["std"] or 0)

@@ -131,3 +131,24 @@ def test_read_through_off_or_without_events(demo_repo, redis_url, tmp_path):
             out = c.post("/v1/embeddings/lookup", json=body).json()
             assert out["missing"] == [1, 2] and out["computed"] == [], out
             assert out["embeddings"][0] is not None
+
+
+def test_score_reads_through_missing_embeddings(served):
+    """Scoring candidates with no stored TAE computes them with the pinned version, writes them
+    back, and says which; an item outside the FM's vocabulary stays missing."""
+    client, repo = served
+    experts = {e["name"]: e["fm_version"] for e in client.get("/v1/experts").json()["experts"]}
+    name = next(n for n, v in experts.items() if v == "v1")
+    user, logged = _logged(repo, "v1", 5)
+    items = [logged[0], *_fresh(logged, 3), UNKNOWN_ITEM]
+    first = client.post(f"/v1/experts/{name}/score", json={"user_id": user, "item_ids": items})
+    assert first.status_code == 200, first.text
+    out = first.json()
+    assert out["computed_embeddings"] == [1, 2, 3] and out["missing_embeddings"] == [4]
+    lookup = client.post(
+        "/v1/embeddings/lookup", json={"user_id": user, "item_ids": items, "fm_version": "v1"}
+    ).json()
+    assert lookup["computed"] == [] and lookup["missing"] == [4]  # written back by the score
+    again = client.post(f"/v1/experts/{name}/score", json={"user_id": user, "item_ids": items}).json()
+    assert again["computed_embeddings"] == [] and again["missing_embeddings"] == [4]
+    np.testing.assert_allclose(again["scores"], out["scores"], rtol=1e-5)
