@@ -178,9 +178,17 @@ def _gather_embeddings(
     files: list[Path], fidx: np.ndarray, frow: np.ndarray, into: np.ndarray
 ) -> None:
     """Fill `into[k]` with the embedding in row frow[k] of files[fidx[k]] where fidx[k] >= 0."""
-    for f in np.unique(fidx[fidx >= 0]):
-        sel = np.flatnonzero(fidx == f)
-        path = files[int(f)]
+    # Label rows grouped by file with one stable sort (a radix sort on small file numbers),
+    # rather than one pass over every row per file: a version may hold hundreds of files.
+    rows = np.flatnonzero(fidx >= 0)
+    keys = fidx[rows].astype(np.uint16 if len(files) < 2**16 else np.int64)
+    perm = np.argsort(keys, kind="stable")
+    order = rows[perm]
+    bounds = np.searchsorted(keys[perm], np.arange(len(files) + 1))
+    for f, path in enumerate(files):
+        sel = order[bounds[f] : bounds[f + 1]]
+        if len(sel) == 0:
+            continue
         column = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
         n = len(column)
         flat = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)

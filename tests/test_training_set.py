@@ -262,3 +262,33 @@ def test_asof_indices_equals_brute_force(table, rows, n_cols, key_bound):
             if tkey[:n_cols] == key[:n_cols] and tt <= t and (best < 0 or tt >= table[best][1]):
                 best = i
         assert got[j] == best, (j, key, t)
+
+
+def test_taes_spread_over_many_files_join_as_one(tmp_path):
+    """The same TAE rows in one file or spread over 40 files on several days give the same
+    training set (rows are grouped by file before the embeddings are gathered)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(2)
+    n = 400
+    u, i = rng.integers(0, 5, n), rng.integers(0, 8, n)
+    t = T0 + rng.choice(10**9, n, replace=False) * 1_000
+    m = rng.normal(size=(n, 4)).astype(np.float32)
+    one, many = tmp_path / "one", tmp_path / "many"
+    (one / "2026-01-05").mkdir(parents=True)
+    pq.write_table(tae_table(u, i, t, m), one / "2026-01-05" / "part-0.parquet")
+    for k, part in enumerate(np.array_split(rng.permutation(n), 40)):
+        day = many / f"2026-01-0{5 + k % 3}"
+        day.mkdir(parents=True, exist_ok=True)
+        pq.write_table(tae_table(u[part], i[part], t[part], m[part]), day / f"part-{k}.parquet")
+    labels = [(int(a), int(b), int(c)) for a, b, c in zip(
+        rng.integers(0, 6, 3000), rng.integers(0, 9, 3000), T0 + rng.integers(0, 10**12, 3000), strict=True)]
+    a = point_in_time_join(labels_frame(labels), tae_glob=one / "*" / "*.parquet", ttl_seconds=600)
+    b = point_in_time_join(labels_frame(labels), tae_glob=many / "*" / "*.parquet", ttl_seconds=600)
+    hits = 0
+    for x, y in zip(a["embedding"], b["embedding"], strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+            hits += 1
+    assert 0 < hits < len(labels)
