@@ -82,8 +82,8 @@ def _best_runs_s(
     untimed warm-up (first calls pay one-time costs such as Arrow's memory pool); `before`
     runs untimed ahead of every call. Returns each path's best time and its last result.
 
-    Back to back, as a batch job runs: on a shared VM, memory a path freed and then left idle
-    is reclaimed, and touching it again costs more than the work being measured."""
+    Back to back, as a batch job runs: on the 2-core dev VM a pause between runs made the next
+    one slower (freed memory was faulted back in at a cost larger than the join itself)."""
     best: dict[str, float] = {}
     results: dict[str, object] = {}
     for name, fn in paths.items():
