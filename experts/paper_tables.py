@@ -316,9 +316,10 @@ def _mean(stat: dict[str, Any]) -> float:
 
 
 def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
-    """The issue's four targets, judged on the tables' means over seeds; each says how many
-    rows (surface, task) with numbers, or surfaces, meet it, and `met` when most do. `clear` counts rows
-    that meet it by more than the seeds' spread (the larger std of the terms compared)."""
+    """The issue's four targets, judged on the tables' means over seeds. Each says how many
+    rows (surface and task, where there are numbers; surfaces for FLOPs) meet it, `met` when
+    most do, and `clear`: how many meet it by more than the spread over seeds (the larger std
+    of the terms compared)."""
     t1, t2, t3, t4 = (tables[k] for k in (
         "table1_ne_diff_vs_nofm", "table2_fm_small_vs_large", "table3_unseen_tasks", "table4_flops"))
 
@@ -346,12 +347,18 @@ def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
         r["flops_ratio"] <= 0.4 and _mean(r["mean_ne_expert"]) <= _mean(r["mean_ne_one_stage"])
         for r in t4
     ]
+    flops_clear = [
+        r["flops_ratio"] <= 0.4
+        and _mean(r["mean_ne_one_stage"]) - _mean(r["mean_ne_expert"])
+        > max(r["mean_ne_expert"]["std"] or 0, r["mean_ne_one_stage"]["std"] or 0)
+        for r in t4
+    ]
     return {
         "tae_beats_ue": summary(tae_vs_ue, tae_vs_ue_clear, "+TAE NE diff below +UE's"),
         "transfer_ratio": summary(tr, tr_clear, "TR (FM small -> large) >= 0.6"),
         "unseen_gain": summary(unseen, unseen_clear, "+TAE NE diff < 0 on tasks the FM never saw"),
         "expert_flops": summary(
-            flops, flops, "expert FLOPs <= 40% of the one-stage's, expert NE <= one-stage NE"
+            flops, flops_clear, "expert FLOPs <= 40% of the one-stage's, expert NE <= one-stage NE"
         ),
     }
 

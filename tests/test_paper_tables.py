@@ -177,7 +177,8 @@ def test_targets_are_judged_from_the_tables():
     # The row without a TR (no positives in a window) is not judged at all.
     assert (t["transfer_ratio"]["meeting"], t["transfer_ratio"]["rows"], t["transfer_ratio"]["met"]) == (1, 2, False)
     assert t["unseen_gain"]["met"] and t["unseen_gain"]["clear"] == 1
-    assert (t["expert_flops"]["meeting"], t["expert_flops"]["met"]) == (1, False)
+    # Cheaper and better on average, but by less than the seeds' spread: not clear.
+    assert (t["expert_flops"]["meeting"], t["expert_flops"]["clear"], t["expert_flops"]["met"]) == (1, 0, False)
 
 
 def test_run_reports_its_targets(tiny_run):
