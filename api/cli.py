@@ -353,7 +353,8 @@ def bench_store_cmd(
     """Store paths vs Feast on the same data: online read (foundex vs get_online_features vs
     raw redis-py pipeline), training set (point-in-time join vs get_historical_features,
     identical rows asserted), logging (rows/s vs write_to_online_store); a table, then one
-    JSON line. Each path is warmed up once; batch paths report their best of a few runs. Runs in a scratch copy of the repo with its own project; cleans up after."""
+    JSON line. Each path is warmed up once; batch paths report their best of a few runs.
+    Runs in a scratch copy of the repo with its own project; cleans up after."""
     from store_bridge.bench import BenchSize, bench_store, format_table
 
     settings = _settings(repo)
