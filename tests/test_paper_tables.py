@@ -179,6 +179,11 @@ def test_targets_are_judged_from_the_tables():
     assert t["unseen_gain"]["met"] and t["unseen_gain"]["clear"] == 1
     # Cheaper and better on average, but by less than the seeds' spread: not clear.
     assert (t["expert_flops"]["meeting"], t["expert_flops"]["clear"], t["expert_flops"]["met"]) == (1, 0, False)
+    # From a single seed there is no spread, so nothing is clear.
+    one_seed = {k: [{c: ({**v, "n": 1, "std": 0.0} if isinstance(v, dict) else v) for c, v in r.items()}
+                    for r in rows] for k, rows in tables.items()}
+    t = check_targets(one_seed)
+    assert t["tae_beats_ue"]["meeting"] == 2 and all(v["clear"] == 0 for v in t.values())
 
 
 def test_run_reports_its_targets(tiny_run):
