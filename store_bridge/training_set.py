@@ -151,13 +151,12 @@ def point_in_time_join(
             keys = [pq.read_table(f, columns=["user_id", "item_id", EVENT_TIMESTAMP]) for f in files]
             sizes = np.array([k.num_rows for k in keys], dtype=np.int64)
             keys_t = pa.concat_tables(keys)
+            t_ts = _ts_us(keys_t.column(EVENT_TIMESTAMP))
             hit = asof_indices(
                 [keys_t.column("user_id").to_numpy(), keys_t.column("item_id").to_numpy()],
-                _ts_us(keys_t.column(EVENT_TIMESTAMP)),
-                [users, items], ts,
+                t_ts, [users, items], ts,
             )
             if ttl_seconds:  # Feast's rule: feature time + TTL >= row time
-                t_ts = _ts_us(keys_t.column(EVENT_TIMESTAMP))
                 hit[(hit >= 0) & (ts - t_ts[np.maximum(hit, 0)] > int(ttl_seconds) * 1_000_000)] = -1
             starts = np.concatenate([[0], np.cumsum(sizes)])
             fidx = np.where(hit >= 0, np.searchsorted(starts, hit, side="right") - 1, -1)
