@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,12 @@ def redis_url(tmp_path_factory) -> str:
     server = start_redis(tmp_path_factory.mktemp("redis"))
     yield server.url
     server.stop()
+
+
+def feast_cli() -> str:
+    """The `feast` script of the running interpreter's environment (a venv need not be on PATH)."""
+    beside = Path(sys.executable).parent / "feast"
+    return str(beside) if beside.exists() else (shutil.which("feast") or "feast")
 
 
 def copy_feature_repo(dest: Path) -> Path:

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+from tests.conftest import feast_cli
 
 FOUNDEX = [sys.executable, "-m", "api.cli"]
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def test_feast_apply_again_keeps_versions_and_experts(demo_repo, redis_url):
 
     repo, report = demo_repo
     env = dict(os.environ, **{FEAST_ENV: feast_connection_string(redis_url)})
-    proc = subprocess.run(["feast", "apply"], cwd=repo.path, env=env, capture_output=True, text=True)
+    proc = subprocess.run([feast_cli(), "apply"], cwd=repo.path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     fs = FeatureStore(repo_path=str(repo.path))
     views = {v.name: v for v in fs.list_feature_views()}

@@ -120,12 +120,13 @@ def test_feast_apply_on_a_fresh_repo(feature_repo, redis_url):
     import subprocess
 
     from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+    from tests.conftest import feast_cli
 
     env = dict(os.environ, **{FEAST_ENV: feast_connection_string(redis_url)})
-    proc = subprocess.run(["feast", "apply"], cwd=feature_repo, env=env, capture_output=True, text=True)
+    proc = subprocess.run([feast_cli(), "apply"], cwd=feature_repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     listed = subprocess.run(
-        ["feast", "feature-views", "list"], cwd=feature_repo, env=env, capture_output=True, text=True
+        [feast_cli(), "feature-views", "list"], cwd=feature_repo, env=env, capture_output=True, text=True
     )
     assert "item_features" in listed.stdout and "user_history" in listed.stdout
     assert "fm_tae_" not in listed.stdout
