@@ -169,7 +169,6 @@ def _rows_vectors(
             rows["item_id"].to_numpy(np.int64),
             ts,
             rows["surface"].to_numpy(object),
-            rows["hour"].to_numpy(np.int64),
         )
         for name, eng in engines.items()
     }

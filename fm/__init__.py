@@ -10,6 +10,7 @@ from fm.inference import HistoryCache, TAEEngine
 from fm.metrics import normalized_entropy
 from fm.model import FoundationModel
 from fm.ops import register_default_backends
+from fm.timefeatures import hour_of_day
 from fm.train import TrainResult, evaluate_fm, train_streaming
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "load_checkpoint",
     "checkpoint_digest",
     "normalized_entropy",
+    "hour_of_day",
 ]
 
 register_default_backends()  # the Triton kernel on CUDA; the PyTorch reference elsewhere

@@ -7,7 +7,12 @@ engine all go through `collate`, so the features a TAE is computed from are buil
 History tokens carry position features relative to the history's own last event (recency rank,
 time gap to the last event), so the encoded history is a function of the history alone and can
 be cached across requests; the request's own time reaches the model through the targets
-(gap between request time and the last history event).
+(gap between request time and the last history event, and the hour of the request).
+
+Hours of day are derived here, from each event's and each request's own microsecond timestamp
+in `config.time_zone` (`fm.timefeatures.hour_of_day`); no caller passes an hour, so training,
+logging and serving cannot disagree about it. Item ids pass through as logged: the model maps
+ids outside its vocabulary to its OOV row (`fm.model.ItemContext`).
 """
 
 from __future__ import annotations
@@ -21,20 +26,21 @@ from torch import Tensor
 
 from fm.config import FMConfig
 from fm.history import UserHistories, surface_codes, timestamps_us
+from fm.timefeatures import hour_of_day
 
 
 @dataclass
 class Batch:
     hist_item: Tensor  # [B, N] long, left-aligned, 0 in padding
     hist_surface: Tensor  # [B, N] long
-    hist_hour: Tensor  # [B, N] long
+    hist_hour: Tensor  # [B, N] long, local hour of day of the event (config.time_zone)
     hist_action: Tensor  # [B, N] long
     hist_rank: Tensor  # [B, N] long, 0 = most recent event
     hist_gap: Tensor  # [B, N] long, time bucket of (last history event - this event)
     hist_len: Tensor  # [B] long, number of real history tokens
     tgt_item: Tensor  # [B, M] long
     tgt_surface: Tensor  # [B, M] long
-    tgt_hour: Tensor  # [B, M] long
+    tgt_hour: Tensor  # [B, M] long, local hour of day of the request (config.time_zone)
     tgt_gap: Tensor  # [B] long, time bucket of (request time - last history event), 0 if none
     tgt_mask: Tensor  # [B, M] bool, True for real candidates
     labels: Tensor | None = None  # [B, M, T] float32 over config.fm_tasks, NaN = not applicable
@@ -53,8 +59,11 @@ class Batch:
 
 
 def time_bucket(dt_us: np.ndarray, n_buckets: int) -> np.ndarray:
-    """log2 buckets of a gap in seconds, in [1, n_buckets); bucket 0 means "no gap"."""
-    sec = np.maximum(dt_us, 0).astype(np.float64) / 1e6
+    """log2 buckets of a gap in seconds, in [1, n_buckets); bucket 0 means "no gap".
+
+    dt_us: microseconds, int or float (callers subtract in float64: two int64 instants
+    ~146,000 years apart would overflow int64). Negative gaps count as 0."""
+    sec = np.maximum(np.asarray(dt_us, dtype=np.float64), 0.0) / 1e6
     return np.clip(1 + np.floor(np.log2(1.0 + sec)), 1, n_buckets - 1).astype(np.int64)
 
 
@@ -80,13 +89,15 @@ def collate(
     tgt_offsets: np.ndarray,
     tgt_item: np.ndarray,
     tgt_surface: np.ndarray,
-    tgt_hour: np.ndarray,
+    *,
     labels: np.ndarray | None = None,
 ) -> Batch:
     """Padded tensors for B requests.
 
-    user_ids, ts_us: [B]; tgt_offsets: [B + 1] splitting the flat candidate arrays
-    tgt_item / tgt_surface (codes into config.surfaces) / tgt_hour / labels [n, T].
+    user_ids, ts_us: [B] (ts_us: int64 microseconds, UTC); tgt_offsets: [B + 1] splitting the
+    flat candidate arrays tgt_item (any id) / tgt_surface (codes into config.surfaces) /
+    labels [n, T]. Every hour feature is derived from the timestamps in config.time_zone:
+    a history event's from its own time, a candidate's from its request's time.
     """
     ts_us = np.asarray(ts_us, dtype=np.int64)
     tgt_offsets = np.asarray(tgt_offsets, dtype=np.int64)
@@ -101,13 +112,18 @@ def collate(
     def gather(a: np.ndarray) -> np.ndarray:  # [E] -> [B, N], 0 in padding
         return np.where(valid, a[rows], 0)
 
+    tz = config.time_zone
+    hist_ts = gather(histories.ts_us)  # [B, N]
     has_hist = length > 0
     last_ts = histories.ts_us[np.maximum(end - 1, 0)] if len(histories) else np.zeros_like(end)
     last_ts = np.where(has_hist, last_ts, 0)  # [B] time of the most recent history event
     hist_gap = np.where(
-        valid, time_bucket(last_ts[:, None] - gather(histories.ts_us), config.n_time_buckets), 0
+        valid, time_bucket(last_ts[:, None] - hist_ts.astype(np.float64), config.n_time_buckets), 0
     )
-    tgt_gap = np.where(has_hist, time_bucket(ts_us - last_ts, config.n_time_buckets), 0)
+    req_hour = hour_of_day(ts_us, tz)  # [B]
+    tgt_gap = np.where(
+        has_hist, time_bucket(ts_us - last_ts.astype(np.float64), config.n_time_buckets), 0
+    )
 
     def long(a: np.ndarray) -> Tensor:
         return torch.as_tensor(a, dtype=torch.long)
@@ -118,14 +134,14 @@ def collate(
     return Batch(
         hist_item=long(gather(histories.item)),
         hist_surface=long(gather(to_model[histories.surface])),
-        hist_hour=long(gather(histories.hour)),
+        hist_hour=long(np.where(valid, hour_of_day(hist_ts, tz), 0)),
         hist_action=long(gather(histories.action)),
         hist_rank=long(np.where(valid, length[:, None] - 1 - slot[None, :], 0)),
         hist_gap=long(hist_gap),
         hist_len=long(length),
         tgt_item=long(per_target(tgt_item)),
         tgt_surface=long(per_target(tgt_surface)),
-        tgt_hour=long(per_target(tgt_hour)),
+        tgt_hour=long(per_target(np.repeat(req_hour, np.diff(tgt_offsets)))),
         tgt_gap=long(tgt_gap),
         tgt_mask=torch.as_tensor(per_target(np.ones(len(tgt_item), dtype=bool), fill=False)),
         labels=None
@@ -144,7 +160,6 @@ class Requests:
     offsets: np.ndarray  # [R + 1] into the candidate arrays below
     item: np.ndarray  # [n] int64
     surface: np.ndarray  # [n] int64 code into config.surfaces
-    hour: np.ndarray  # [n] int64
     labels: np.ndarray  # [n, T] float32 over config.fm_tasks
 
     @classmethod
@@ -165,7 +180,6 @@ class Requests:
             offsets=np.append(starts, len(rid)).astype(np.int64),
             item=df["item_id"].to_numpy(np.int64)[order],
             surface=surface_codes(df["surface"].to_numpy(object), config.surfaces)[order],
-            hour=df["hour"].to_numpy(np.int64)[order],
             labels=labels[order],
         )
 
@@ -184,6 +198,5 @@ class Requests:
             self.offsets[lo : hi + 1] - a,
             self.item[rows],
             self.surface[rows],
-            self.hour[rows],
-            self.labels[rows],
+            labels=self.labels[rows],
         )

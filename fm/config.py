@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from fm.timefeatures import HOURS_PER_DAY, check_time_zone
+
 
 @dataclass
 class FMConfig:
@@ -36,12 +38,22 @@ class FMConfig:
     # next to the item id; 0 = none. The matrix itself [n_items, content_dim] is given to
     # FoundationModel and kept as a buffer (so checkpoints and serving artifacts carry it).
     content_dim: int = 0
+    # The time zone whose local hour of day the FM reads (fm.timefeatures: "UTC", a fixed
+    # offset like "+08:00", or an IANA name like "Asia/Shanghai"). The hour is always derived
+    # from the event's UTC timestamp in this zone, for training, logging and serving alike.
+    # Checkpoints saved before this field existed load as "UTC".
+    time_zone: str = "UTC"
 
     def __post_init__(self) -> None:
         if self.attn_norm_len is None:
             self.attn_norm_len = self.max_history + 1
+        if self.n_items < 1:
+            raise ValueError(f"n_items must be >= 1, got {self.n_items}")
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.n_hours < HOURS_PER_DAY:
+            raise ValueError(f"n_hours must be >= {HOURS_PER_DAY} (hour of day), got {self.n_hours}")
+        check_time_zone(self.time_zone)
         if self.content_dim < 0:
             raise ValueError(f"content_dim must be >= 0, got {self.content_dim}")
         if self.d_model % self.n_heads:

@@ -11,11 +11,24 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fm.timefeatures import to_us
+
 
 def timestamps_us(ts: pd.Series) -> np.ndarray:
-    """A timestamp column as int64 microseconds since the epoch (UTC)."""
-    ts = pd.to_datetime(ts, utc=True)
-    return ts.astype("datetime64[us, UTC]").to_numpy(dtype="datetime64[us]").astype(np.int64)
+    """A timestamp column as int64 microseconds since the epoch (UTC); naive values are UTC.
+
+    Sub-microsecond parts are floored (also before 1970). Works over the whole microsecond
+    range (years far outside pandas' nanosecond range 1677..2262 included).
+    """
+    ts = pd.Series(ts)
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):
+        ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+    elif ts.dtype.kind != "M":
+        try:
+            ts = pd.to_datetime(ts, utc=True).dt.tz_localize(None)
+        except pd.errors.OutOfBoundsDatetime:  # objects beyond the nanosecond range
+            return np.array([to_us(pd.Timestamp(x)) for x in ts], dtype=np.int64)
+    return ts.astype("datetime64[us]").to_numpy(dtype="datetime64[us]").view(np.int64)
 
 
 def surface_codes(surface: np.ndarray, surfaces: list[str]) -> np.ndarray:
@@ -39,7 +52,6 @@ class History:
     item: np.ndarray  # int64
     action: np.ndarray  # int64
     surface: np.ndarray  # int64 code into UserHistories.surfaces
-    hour: np.ndarray  # int64
 
     def __len__(self) -> int:
         return len(self.ts_us)
@@ -54,13 +66,14 @@ class UserHistories:
         item: np.ndarray,
         action: np.ndarray,
         surface: np.ndarray,
-        hour: np.ndarray,
         surfaces: list[str],
     ) -> None:
+        """Item ids are kept as logged (any int64): the model maps ids outside its vocabulary
+        to its OOV row. There is no hour: the FM derives it from ts_us (fm.timefeatures)."""
         self.users = users  # [U] sorted unique user ids
         self.offsets = offsets  # [U + 1] user u's events are rows offsets[u]:offsets[u+1]
         self.ts_us, self.item, self.action = ts_us, item, action  # [E], sorted by (user, ts)
-        self.surface, self.hour = surface, hour  # [E]
+        self.surface = surface  # [E]
         self.surfaces = list(surfaces)
         # Search key: (user index, rank of ts among distinct timestamps) packed in one int64.
         # Ranks are < E, so this never overflows, and it keeps "strictly before" exact.
@@ -71,7 +84,10 @@ class UserHistories:
 
     @classmethod
     def from_events(cls, df: pd.DataFrame, surfaces: list[str] | None = None) -> UserHistories:
-        """Build from an event log; `surfaces` fixes the surface codes (the FM's order)."""
+        """Build from an event log; `surfaces` fixes the surface codes (the FM's order).
+
+        Reads user_id, item_id, event_timestamp, surface and action; an `hour` column, if
+        any, is ignored (the FM derives the hour from the timestamp)."""
         surfaces = list(surfaces) if surfaces is not None else sorted(df["surface"].unique())
         user = df["user_id"].to_numpy(np.int64)
         ts = timestamps_us(df["event_timestamp"])
@@ -86,7 +102,6 @@ class UserHistories:
             item=df["item_id"].to_numpy(np.int64)[order],
             action=df["action"].to_numpy(np.int64)[order],
             surface=surface_codes(df["surface"].to_numpy(object), surfaces)[order],
-            hour=df["hour"].to_numpy(np.int64)[order],
             surfaces=surfaces,
         )
 
@@ -127,5 +142,4 @@ class UserHistories:
             self.item[rows],
             self.action[rows],
             self.surface[rows],
-            self.hour[rows],
         )

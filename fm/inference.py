@@ -1,5 +1,10 @@
 """Target-aware inference: TAEs for (user, request time, surface, candidate) rows.
 
+The request time (int64 microseconds, UTC) is the only time input: the history is cut
+strictly before it and the hour of day is derived from it in the model's time zone
+(`fm.timefeatures`). Candidates outside the model's item vocabulary are not embedded (NaN
+rows; `TAEEngine.known_items` says which); unknown items in a history read the OOV row.
+
 Rows are grouped by (user, request time, surface). Each group's history is encoded once
 (per-layer K/V), then all its candidates attend to that cached history plus themselves, so M
 candidates cost about one forward pass, not M. Many groups share one forward.
@@ -183,6 +188,18 @@ class TAEEngine:
     def dim(self) -> int:
         return self.config.d_model
 
+    @property
+    def n_items(self) -> int:
+        """Size of the model's item vocabulary: ids in [0, n_items) are known."""
+        return self.config.n_items
+
+    def known_items(self, item_ids: np.ndarray) -> np.ndarray:
+        """bool [n]: True where the id is in the model's vocabulary [0, n_items) (0 is an
+        item). Unknown ids (negative, or newer than the model) are not embedded as
+        candidates by `compute`; in a history they read the model's OOV row."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        return (item_ids >= 0) & (item_ids < self.config.n_items)
+
     @torch.no_grad()
     def compute(
         self,
@@ -190,14 +207,38 @@ class TAEEngine:
         item_ids: np.ndarray,
         ts_us: np.ndarray,
         surfaces: np.ndarray,
-        hours: np.ndarray,
     ) -> np.ndarray:
-        """One TAE per input row -> float32 [n, d], in the input row order."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        ts_us = np.asarray(ts_us, dtype=np.int64)
-        hours = np.asarray(hours, dtype=np.int64)
-        surf = surface_codes(np.asarray(surfaces, dtype=object), self.config.surfaces)
+        """One TAE per input row -> float32 [n, d], in the input row order.
+
+        user_ids, item_ids: [n] int64; ts_us: [n] int64 microseconds since the epoch (UTC):
+        the request time, which both cuts the history (events strictly before it) and gives
+        the hour of day, in config.time_zone (callers pass no hour, so none can disagree);
+        surfaces: [n] names from config.surfaces (ValueError otherwise).
+        A row whose candidate is outside the vocabulary (`known_items` False) is not
+        embedded: its row is all NaN. Callers skip or report those rows.
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
+        item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        ts_us = np.asarray(ts_us, dtype=np.int64).reshape(-1)
+        surf = surface_codes(np.asarray(surfaces, dtype=object).reshape(-1), self.config.surfaces)
+        n = len(user_ids)
+        if not (len(item_ids) == len(ts_us) == len(surf) == n):
+            raise ValueError(
+                f"compute needs one user, item, time and surface per row, got lengths "
+                f"{n}, {len(item_ids)}, {len(ts_us)}, {len(surf)}"
+            )
+        known = self.known_items(item_ids)
+        if known.all():
+            return self._compute(user_ids, item_ids, ts_us, surf)
+        out = np.full((n, self.dim), np.nan, dtype=np.float32)
+        if known.any():
+            out[known] = self._compute(user_ids[known], item_ids[known], ts_us[known], surf[known])
+        return out
+
+    def _compute(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, ts_us: np.ndarray, surf: np.ndarray
+    ) -> np.ndarray:
+        """`compute` over rows whose candidates are all known; surf: codes -> float32 [n, d]."""
         n = len(user_ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
         if n == 0:
@@ -225,7 +266,6 @@ class TAEEngine:
                 offsets[g0 : g1 + 1] - a,
                 item_ids[rows],
                 surf[rows],
-                hours[rows],
             ).to(self.device)
             users, times = u[starts[g0:g1]], t[starts[g0:g1]]
             state = self._history_state(batch, users, times)  # history once per group
@@ -270,14 +310,16 @@ class TAEEngine:
         return HistoryState(kv=kv_layers, hist_len=batch.hist_len)
 
     def compute_request(
-        self, user_id: int, ts_us: int, surface: str, hour: int, item_ids: np.ndarray
+        self, user_id: int, ts_us: int, surface: str, item_ids: np.ndarray
     ) -> np.ndarray:
-        """TAEs of one request's candidates -> float32 [M, d]."""
+        """TAEs of one request's candidates -> float32 [M, d] (NaN rows for candidates
+        outside the vocabulary, as in `compute`). ts_us: the request time, int microseconds
+        since the epoch (UTC); the hour of day comes from it."""
+        item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         m = len(item_ids)
         return self.compute(
             np.full(m, user_id, dtype=np.int64),
-            np.asarray(item_ids, dtype=np.int64),
+            item_ids,
             np.full(m, ts_us, dtype=np.int64),
             np.full(m, surface, dtype=object),
-            np.full(m, hour, dtype=np.int64),
         )

@@ -1,6 +1,8 @@
 """FoundationModel: HSTU over [history | targets] -> one target-aware embedding (TAE) per target.
 
     f(item, ctx)    = e_item + MLP([e_item, surface, hour, content_vector(item) if configured])
+                      (e_item, content = 0 for an id outside [0, n_items): the shared OOV row;
+                      hour = fm.timefeatures.hour_of_day(event time, config.time_zone))
     history token x_i = f(item_i, context_i) + action_i + recency_rank_i + time_gap_i
     target token  y_j = f(item_j, context_j) + gap(request time - last history event)
     TAE_j         = LN(HSTU(x_0..x_{N-1}, y_0..y_{M-1})[N + j])
@@ -27,11 +29,23 @@ from fm.layers import HSTULayer
 
 class ItemContext(nn.Module):
     """f(item, context): item-id embedding with surface, hour and (optionally) the item's
-    content vector, through a small MLP."""
+    content vector, through a small MLP.
+
+    Vocabulary: ids in [0, n_items) are items, 0 included (padding is masked by length, never
+    by id). Any other id (negative, or >= n_items: an item newer than the model) is out of
+    vocabulary (OOV) and shares one fixed all-zero id embedding and content vector, so its
+    token still carries surface, hour, and in a history the action, recency and time gap.
+    The OOV row is not a parameter and not in the state dict, so the weights, optimizer
+    state and initialisation (RNG stream) are those of a model without it, and every
+    checkpoint and serving artifact written before it existed loads unchanged. A learned row
+    would stay at its initial value anyway: a vocabulary sized from the training log never
+    shows the model an OOV id in training.
+    """
 
     def __init__(self, config: FMConfig, item_content: Tensor | None = None) -> None:
         super().__init__()
         d, c = config.d_model, config.content_dim
+        self.n_items = config.n_items
         self.item = nn.Embedding(config.n_items, d)
         self.surface = nn.Embedding(len(config.surfaces), d)
         self.hour = nn.Embedding(config.n_hours, d)
@@ -43,12 +57,20 @@ class ItemContext(nn.Module):
         if c and item_content is not None:
             self.content.copy_(item_content)
 
+    def known(self, item: Tensor) -> Tensor:
+        """[...] bool: True for ids inside the vocabulary [0, n_items)."""
+        return (item >= 0) & (item < self.n_items)
+
     def forward(self, item: Tensor, surface: Tensor, hour: Tensor) -> Tensor:
-        """item, surface, hour: [...] long -> [..., d]."""
-        e = self.item(item)
+        """item (any int64 id; OOV ids read the zero row), surface, hour: [...] long
+        -> [..., d]."""
+        known = self.known(item)[..., None]
+        idx = torch.where(known[..., 0], item, torch.zeros_like(item))
+        zero = torch.zeros((), dtype=self.item.weight.dtype, device=item.device)
+        e = torch.where(known, self.item(idx), zero)
         parts = [e, self.surface(surface), self.hour(hour)]
         if self.content is not None:
-            parts.append(self.content[item])
+            parts.append(torch.where(known, self.content[idx], zero))
         return e + self.mlp(torch.cat(parts, dim=-1))
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fm.timefeatures import hour_of_day
+
 SURFACES = ["feed", "video"]
 MAIN_TASKS = ["click", "like"]
 AUX_TASKS = {"feed": ["long_view"], "video": ["complete"]}
@@ -50,7 +52,7 @@ def toy_events(
 
     is_feed = surface == SURFACES.index("feed")
     like_known = rng.random(n) > 0.1  # some rows lack the label: NaN, outside the task
-    hour = ((ts // 3_600_000_000) % 24).astype(np.int8)
+    hour = hour_of_day(ts).astype(np.int8)  # for people: the FM derives its own from ts
     return pd.DataFrame(
         {
             "request_id": (rep + 1000).astype(np.int64),

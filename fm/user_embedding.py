@@ -98,9 +98,7 @@ def compute_user_embeddings(
         p = pairs[lo : lo + batch_rows]
         n = len(p)
         zeros = np.zeros(n, dtype=np.int64)  # a placeholder candidate the UE never reads
-        batch = collate(
-            histories, model.config, p[:, 0], p[:, 1], np.arange(n + 1), zeros, zeros, zeros
-        )
+        batch = collate(histories, model.config, p[:, 0], p[:, 1], np.arange(n + 1), zeros, zeros)
         uniq[lo : lo + n] = model.user_embedding(batch).float().cpu().numpy()
     model.train(was_training)
     out[:] = uniq[inverse]

@@ -1,5 +1,10 @@
 """The FM inference tier: a published version's model turned into TAEs, with the histories
-taken from the repo's event log. Logging and the service's read-through share it."""
+taken from the repo's event log. Logging and the service's read-through share it.
+
+Time features are the FM's own business: the engine derives the hour of day from each row's
+timestamp in the time zone its config records (`FMConfig.time_zone`), so logged, trained and
+served TAEs of one instant agree. Items outside the FM's vocabulary are reported, never fed.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import pandas as pd
 
 from fm import TAEEngine, UserHistories, load_checkpoint
 from store_bridge.events.schema import DatasetSpec
-from store_bridge.logging_tier import TAEFunction
 from store_bridge.repo import FeatureRepo, FMVersion
 
 
@@ -42,16 +46,28 @@ def load_engine(
     return TAEEngine(model, histories, history_cache=history_cache)
 
 
-def load_tae_function(
-    repo: FeatureRepo, version: FMVersion, histories: UserHistories
-) -> TAEFunction:
-    """TAEs of `version` for (user, item, time) rows, with history taken from `histories`."""
-    engine = load_engine(repo, version, histories)
+class EngineTAEFunction:
+    """A `TAEFunction` over a TAEEngine: (users, items, ts_us, surfaces) -> [n, d] float32,
+    and `known_items` so that the logging tier skips (and counts) items the FM does not know.
+    The hour of day comes from ts_us inside the engine, in the FM's own time zone."""
 
-    def compute(users, items, ts_us, surfaces, hours) -> np.ndarray:
-        return engine.compute(
-            np.asarray(users), np.asarray(items), np.asarray(ts_us), np.asarray(surfaces),
-            np.asarray(hours),
+    def __init__(self, engine: TAEEngine) -> None:
+        self.engine = engine
+
+    def known_items(self, item_ids: np.ndarray) -> np.ndarray:
+        """bool [n]: ids inside the FM's vocabulary [0, n_items)."""
+        return self.engine.known_items(np.asarray(item_ids))
+
+    def __call__(
+        self, users: np.ndarray, items: np.ndarray, ts_us: np.ndarray, surfaces: np.ndarray
+    ) -> np.ndarray:
+        return self.engine.compute(
+            np.asarray(users), np.asarray(items), np.asarray(ts_us), np.asarray(surfaces)
         )
 
-    return compute
+
+def load_tae_function(
+    repo: FeatureRepo, version: FMVersion, histories: UserHistories
+) -> EngineTAEFunction:
+    """TAEs of `version` for (user, item, time) rows, with history taken from `histories`."""
+    return EngineTAEFunction(load_engine(repo, version, histories))

@@ -5,16 +5,22 @@ the version's Feast source globs); online rows go to Redis in Feast's layout. A 
 derive from its input, and each file is written to a temporary name and renamed, so a job killed
 mid-way and run again replaces (or skips) its own output instead of adding to it: exactly one
 offline row per (user, item, time) and version.
+
+Impressions whose item the version's FM does not know (outside its vocabulary: negative, or
+newer than the model) are skipped, counted in `LogReport.unknown_items` and named in one
+warning line; the job goes on. The FM derives every time feature from `event_timestamp`
+itself; an `hour` column in the impressions is accepted and ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,10 +32,22 @@ from store_bridge.events.schema import EVENT_TIMESTAMP, as_microseconds, timesta
 from store_bridge.online import EmbeddingStore
 from store_bridge.repo import FeatureRepo
 
-# (user_ids, item_ids, ts_us, surfaces, hours) -> [n, dim] float32
-TAEFunction = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+log = logging.getLogger("foundex.store.logging")
 
-IMPRESSION_COLUMNS = ["user_id", "item_id", EVENT_TIMESTAMP, "surface", "hour"]
+
+class TAEFunction(Protocol):
+    """(user_ids, item_ids, ts_us, surfaces) -> [n, dim] float32 TAEs, one per row.
+
+    ts_us: int64 microseconds since the epoch (UTC). A function may also have
+    `known_items(item_ids) -> bool [n]` (the FM tier's does): `log_version` then skips the
+    rows whose item it does not know instead of asking for their TAEs."""
+
+    def __call__(
+        self, user_ids: np.ndarray, item_ids: np.ndarray, ts_us: np.ndarray, surfaces: np.ndarray
+    ) -> np.ndarray: ...
+
+
+IMPRESSION_COLUMNS = ["user_id", "item_id", EVENT_TIMESTAMP, "surface"]
 
 
 class BadEmbeddings(ValueError):
@@ -44,6 +62,7 @@ class LogReport:
     files: int
     seconds: float
     skipped_chunks: int = 0  # chunks an earlier run of the same job had completed
+    unknown_items: int = 0  # impressions skipped: their item is outside the FM's vocabulary
 
     @property
     def rows_per_s(self) -> float:
@@ -80,7 +99,10 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def prepare_impressions(impressions: pd.DataFrame) -> pd.DataFrame:
-    """Validate and normalise impression rows; one row per (user, item, time)."""
+    """Validate and normalise impression rows; one row per (user, item, time).
+
+    Needs user_id, item_id, event_timestamp, surface (other columns, `hour` included, are
+    dropped: the FM derives time features from the timestamp). ValueError names what lacks."""
     missing = [c for c in IMPRESSION_COLUMNS if c not in impressions.columns]
     if missing:
         raise ValueError(f"impressions lack columns: {missing}")
@@ -132,13 +154,19 @@ def log_version(
         raise ValueError("chunk_rows must be positive")
     t0 = time.perf_counter()
     imp = impressions
-    job = _job_id(imp)
+    job = _job_id(imp)  # of the whole input, so a rerun (same input) finds its own files
     _clear_other_runs(repo, version, job, chunk_rows)
+    known = _known_rows(version, tae_fn, imp)
+    unknown = int((~known).sum())
+    if unknown:
+        imp = imp[known]
     ts_us = timestamps_us(imp[EVENT_TIMESTAMP])
-    dates = imp[EVENT_TIMESTAMP].dt.strftime("%Y-%m-%d").to_numpy()
+    # UTC day partitions (the store's convention, not the FM's time zone). numpy's calendar
+    # floors instants before 1970 and, unlike strftime, covers years past 9999.
+    dates = ts_us.astype("datetime64[us]").astype("datetime64[D]").astype(str)
     users = imp["user_id"].to_numpy(np.int64)
     items = imp["item_id"].to_numpy(np.int64)
-    surfaces, hours = imp["surface"].to_numpy(), imp["hour"].to_numpy()
+    surfaces = imp["surface"].to_numpy()
     files = online = skipped = 0
     bar = tqdm(total=len(imp), desc=f"log {version}", unit="row", disable=not progress)
     for n, start in enumerate(range(0, len(imp), chunk_rows)):
@@ -151,7 +179,7 @@ def log_version(
             bar.update(len(d))
             continue
         u, i, t = users[sl], items[sl], ts_us[sl]
-        m = np.asarray(tae_fn(u, i, t, surfaces[sl], hours[sl]), dtype=np.float32)
+        m = np.asarray(tae_fn(u, i, t, surfaces[sl]), dtype=np.float32)
         if m.ndim != 2 or len(m) != len(u):
             raise BadEmbeddings(f"FM {version} returned shape {m.shape} for {len(u)} rows")
         bad = ~np.isfinite(m).all(axis=1)
@@ -168,4 +196,25 @@ def log_version(
         bar.update(len(u))
         bar.set_postfix(rows_per_s=f"{bar.n / (time.perf_counter() - t0):.0f}")
     bar.close()
-    return LogReport(version, len(imp), online, files, time.perf_counter() - t0, skipped)
+    return LogReport(
+        version, len(imp), online, files, time.perf_counter() - t0, skipped, unknown
+    )
+
+
+def _known_rows(version: str, tae_fn: TAEFunction, imp: pd.DataFrame) -> np.ndarray:
+    """bool [n]: the impressions whose item `tae_fn` knows (all, when it cannot tell).
+    Warns once when some are not, naming how many and a few of the ids."""
+    items = imp["item_id"].to_numpy(np.int64)
+    known_items = getattr(tae_fn, "known_items", None)
+    if known_items is None or len(items) == 0:
+        return np.ones(len(items), dtype=bool)
+    known = np.asarray(known_items(items), dtype=bool)
+    if not known.all():
+        ids = np.unique(items[~known])
+        shown = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        log.warning(
+            "warning: FM %s: skipped %d of %d impressions whose item it does not know "
+            "(%d distinct ids outside its vocabulary: %s)",
+            version, int((~known).sum()), len(items), len(ids), shown,
+        )
+    return known

@@ -79,7 +79,6 @@ def test_collate_translates_surface_codes(events):
         np.array([0, 2, 3]),
         np.array([1, 2, 3]),
         np.array([0, 1, 0]),
-        np.array([5, 6, 7]),
     )
     ba, bb = collate(a, cfg, *args), collate(b, cfg, *args)
     np.testing.assert_array_equal(ba.hist_surface.numpy(), bb.hist_surface.numpy())

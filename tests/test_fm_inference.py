@@ -47,15 +47,15 @@ def test_cache_hit_equals_uncached_exactly(model, events):
     late = int(ts_of(events).max()) + 1
     items_a, items_b = np.array([1, 5, 9]), np.array([2, 5, 33, 7, 8])
 
-    first = cached.compute_request(3, late, "feed", 4, items_a)  # miss: fills the cache
+    first = cached.compute_request(3, late, "feed", items_a)  # miss: fills the cache
     assert cached.cache.stats.misses == 1 and cached.cache.stats.hits == 0 and 3 in cached.cache
-    second = cached.compute_request(3, late + 1000, "video", 5, items_b)  # same history: a hit
+    second = cached.compute_request(3, late + 1000, "video", items_b)  # same history: a hit
     assert cached.cache.stats.hits == 1
 
-    assert np.array_equal(first, plain.compute_request(3, late, "feed", 4, items_a))
-    assert np.array_equal(second, plain.compute_request(3, late + 1000, "video", 5, items_b))
+    assert np.array_equal(first, plain.compute_request(3, late, "feed", items_a))
+    assert np.array_equal(second, plain.compute_request(3, late + 1000, "video", items_b))
     # the shared candidate got the same history; its TAE differs only by the request context
-    assert np.abs(second - plain.compute_request(3, late, "feed", 4, items_b)).max() > 1e-4
+    assert np.abs(second - plain.compute_request(3, late, "feed", items_b)).max() > 1e-4
 
 
 def test_cache_in_mixed_batches_matches_uncached(model, events):
@@ -67,12 +67,11 @@ def test_cache_in_mixed_batches_matches_uncached(model, events):
     times = rng.choice(np.quantile(ts, [0.3, 0.6, 1.0]).astype(np.int64) + 1, n)
     items = rng.integers(0, 40, n)
     surf = np.asarray(model.config.surfaces, dtype=object)[rng.integers(0, 2, n)]
-    hours = rng.integers(0, 24, n)
 
-    want = TAEEngine(model, h, max_groups=5).compute(users, items, times, surf, hours)
+    want = TAEEngine(model, h, max_groups=5).compute(users, items, times, surf)
     engine = TAEEngine(model, h, max_groups=5, history_cache=HistoryCache())
     for _ in range(2):  # second round: mostly hits, padded together with misses
-        got = engine.compute(users, items, times, surf, hours)
+        got = engine.compute(users, items, times, surf)
         np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     assert engine.cache.stats.hits > 0 and engine.cache.stats.misses > 0
 
@@ -88,24 +87,24 @@ def test_cache_invalidated_when_the_history_grows(model, events):
     late = int(ts.max()) + 1
 
     engine = TAEEngine(model, h_old, history_cache=True)
-    before = engine.compute_request(user, late, "feed", 3, np.array([4, 6]))
+    before = engine.compute_request(user, late, "feed", np.array([4, 6]))
     fp_before = engine.cache.fingerprint(user)
     engine.set_histories(h_new)  # the user's history grew
-    after = engine.compute_request(user, late, "feed", 3, np.array([4, 6]))
+    after = engine.compute_request(user, late, "feed", np.array([4, 6]))
     assert engine.cache.stats.invalidations == 1 and engine.cache.stats.hits == 0
     assert engine.cache.fingerprint(user) != fp_before
     np.testing.assert_array_equal(
-        after, TAEEngine(model, h_new).compute_request(user, late, "feed", 3, np.array([4, 6]))
+        after, TAEEngine(model, h_new).compute_request(user, late, "feed", np.array([4, 6]))
     )
     assert np.abs(after - before).max() > 1e-4  # the stale entry was not used
 
     # another user whose history did not change keeps hitting across the swap
     other = int(old_log["user_id"].iloc[-1])
     engine.set_histories(h_old)
-    engine.compute_request(other, cut, "feed", 3, np.array([4]))
+    engine.compute_request(other, cut, "feed", np.array([4]))
     engine.set_histories(h_new)
     hits = engine.cache.stats.hits
-    engine.compute_request(other, cut, "feed", 3, np.array([5]))
+    engine.compute_request(other, cut, "feed", np.array([5]))
     assert engine.cache.stats.hits == hits + 1
 
 
@@ -158,7 +157,6 @@ def test_long_history_truncates_to_the_most_recent_1024():
             np.array([0, 3]),
             np.array([1, 2, 3]),
             np.array([0, 1, 0]),
-            np.array([5, 6, 7]),
         )
 
     b = batch(h)
@@ -203,8 +201,8 @@ def test_item_content_feeds_f_and_travels_with_checkpoints(events, tmp_path):
     assert torch.equal(loaded.embed.content, model.embed.content)
     h = UserHistories.from_events(events, cfg.surfaces)
     late = int(ts_of(events).max()) + 1
-    a = TAEEngine(model, h).compute_request(2, late, "feed", 1, np.array([1, 2, 3]))
-    b = TAEEngine(loaded, h).compute_request(2, late, "feed", 1, np.array([1, 2, 3]))
+    a = TAEEngine(model, h).compute_request(2, late, "feed", np.array([1, 2, 3]))
+    b = TAEEngine(loaded, h).compute_request(2, late, "feed", np.array([1, 2, 3]))
     np.testing.assert_array_equal(a, b)
 
 

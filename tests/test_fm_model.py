@@ -41,19 +41,18 @@ def model(config):
     return m.eval()
 
 
-def one_request(histories, config, user, ts, items, surface="feed", hours=None) -> Batch:
-    return many_requests(histories, config, [(user, ts, items, surface, hours)])
+def one_request(histories, config, user, ts, items, surface="feed") -> Batch:
+    return many_requests(histories, config, [(user, ts, items, surface)])
 
 
 def many_requests(histories, config, reqs) -> Batch:
-    """reqs: list of (user, ts_us, items, surface, hours or None)."""
-    users, tss, items, surf, hours, offsets = [], [], [], [], [], [0]
-    for user, ts, its, s, hs in reqs:
+    """reqs: list of (user, ts_us, items, surface); hours come from ts_us."""
+    users, tss, items, surf, offsets = [], [], [], [], [0]
+    for user, ts, its, s in reqs:
         users.append(user)
         tss.append(ts)
         items.extend(its)
         surf.extend([config.surfaces.index(s)] * len(its))
-        hours.extend(hs if hs is not None else [int(i) % 24 for i in its])
         offsets.append(offsets[-1] + len(its))
     return collate(
         histories,
@@ -63,7 +62,6 @@ def many_requests(histories, config, reqs) -> Batch:
         np.array(offsets),
         np.array(items),
         np.array(surf),
-        np.array(hours),
     )
 
 
@@ -138,10 +136,10 @@ def test_tae_ignores_batch_composition_and_padding(model, histories, config, eve
         histories,
         config,
         [
-            (rich, ts, [1, 2, 3, 5, 6, 7], "video", None),  # longer history, more candidates
-            (mid, ts, [4, 8], "feed", None),
-            (poor, ts - 10**12, [9], "feed", None),  # (nearly) empty history
-            (99_999, ts, [10, 11, 12], "video", None),  # unknown user: empty history
+            (rich, ts, [1, 2, 3, 5, 6, 7], "video"),  # longer history, more candidates
+            (mid, ts, [4, 8], "feed"),
+            (poor, ts - 10**12, [9], "feed"),  # (nearly) empty history
+            (99_999, ts, [10, 11, 12], "video"),  # unknown user: empty history
         ],
     )
     assert batch.hist_len.min() < batch.hist_len.max()  # padding really happens

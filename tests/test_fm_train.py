@@ -129,9 +129,7 @@ def test_engine_matches_model_in_row_order(trained, config, events):
     surfaces = np.asarray(config.surfaces, dtype=object)[reqs.surface[rows]]
     perm = np.random.default_rng(0).permutation(n)  # rows in any order
     engine = TAEEngine(trained.model, h, max_groups=3, max_rows=7)  # forces several chunks
-    got = engine.compute(
-        users[perm], reqs.item[rows][perm], ts[perm], surfaces[perm], reqs.hour[rows][perm]
-    )
+    got = engine.compute(users[perm], reqs.item[rows][perm], ts[perm], surfaces[perm])
     assert got.dtype == np.float32 and got.shape == (n, config.d_model)
     np.testing.assert_allclose(got, want[perm], atol=1e-5)
 
@@ -139,7 +137,6 @@ def test_engine_matches_model_in_row_order(trained, config, events):
         int(reqs.user_id[lo]),
         int(reqs.ts_us[lo]),
         surfaces[0],
-        int(reqs.hour[rows][0]),
         reqs.item[reqs.offsets[lo] : reqs.offsets[lo + 1]],
     )
     np.testing.assert_allclose(one, want[: len(one)], atol=1e-5)
@@ -152,9 +149,9 @@ def test_engine_history_cut_at_request_time(trained, config, events):
     user = int(events["user_id"].iloc[-1])
     ts = timestamps_us(events["event_timestamp"])[events["user_id"].to_numpy() == user]
     t_mid = int(ts[len(ts) // 2])
-    a = engine.compute_request(user, t_mid, "feed", 5, np.array([1, 2]))
-    b = engine.compute_request(user, t_mid - 1, "feed", 5, np.array([1, 2]))
-    c = engine.compute_request(user, t_mid + 1, "feed", 5, np.array([1, 2]))
+    a = engine.compute_request(user, t_mid, "feed", np.array([1, 2]))
+    b = engine.compute_request(user, t_mid - 1, "feed", np.array([1, 2]))
+    c = engine.compute_request(user, t_mid + 1, "feed", np.array([1, 2]))
     assert np.abs(a - c).max() > 1e-4  # the event at t_mid is visible only after t_mid
     b_hist, a_hist = h.before(user, t_mid - 1, 99), h.before(user, t_mid, 99)
     if len(a_hist) == len(b_hist):  # no event in (t_mid-1, t_mid): identical histories

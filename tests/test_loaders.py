@@ -75,6 +75,27 @@ def test_kuairand_loader(tmp_path, gz):
     assert spec2 == spec
 
 
+def test_kuairand_hour_is_the_local_hour_of_time_ms(tmp_path):
+    """KuaiRand's users are in China: the spec says Asia/Shanghai, and `hour` is the hour of
+    `time_ms` there (what the FM derives), not `hourmin`, which rounds (16:45 UTC = 00:45 in
+    Beijing reads hourmin 100 in the log) nor the UTC hour."""
+    write_kuairand(tmp_path, gz=False)
+    log = tmp_path / "log_standard_4_22_to_5_08_pure.csv"
+    t = 1650905100000  # 2022-04-25 16:45:00 UTC
+    log.write_text(log.read_text() + f"3,4,20220426,100,{t},0,0,0,0,0,0,0,9,9,0,0,0,0,4\n")
+    events, _, spec, _ = load_kuairand(tmp_path)
+    assert spec.time_zone == "Asia/Shanghai" and spec.fm_fields()["time_zone"] == "Asia/Shanghai"
+    assert events["hour"].tolist() == [11, 11, 12, 0, 9]  # in time order
+    assert events["event_timestamp"].iloc[3] == pd.Timestamp(t, unit="ms", tz="UTC")
+
+
+def test_movielens_spec_is_utc(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t-3600\n2\t11\t3\t880000000\n")
+    events, _, spec = load_movielens(tmp_path)
+    assert spec.time_zone == "UTC"
+    assert events["hour"].tolist() == [23, 4]  # 1969-12-31 23:00 and 1997-11-20 04:26 UTC
+
+
 def test_kuairand_loader_names_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="log_"):
         load_kuairand(tmp_path)

@@ -114,10 +114,10 @@ def test_ue_ignores_the_candidate(ue_setup):
     off = np.arange(len(users) + 1)
     cands = []
     with torch.no_grad():
-        for item, surface, hour in [(1, 0, 3), (7, 2, 20)]:
+        for item, surface in [(1, 0), (7, 2)]:
             full = np.full(len(users), item)
             b = collate(histories, model.config, users, ts, off, full,
-                        np.full(len(users), surface), np.full(len(users), hour))
+                        np.full(len(users), surface))
             cands.append((model.user_embedding(b), model(b)))
     torch.testing.assert_close(cands[0][0], cands[1][0], rtol=0, atol=0)
     assert not torch.allclose(cands[0][1], cands[1][1])  # the heads' input does see it

@@ -189,7 +189,7 @@ def test_nan_and_inf_embeddings_are_refused(tmp_path, redis_url):
     )
     for bad_value in (np.nan, np.inf, -np.inf):
 
-        def fm(u, i, t, s, h, bad_value=bad_value):
+        def fm(u, i, t, s, bad_value=bad_value):
             m = np.ones((len(u), 4), np.float32)
             m[u == 4, 2] = bad_value  # only the second chunk is bad
             return m
@@ -202,3 +202,63 @@ def test_nan_and_inf_embeddings_are_refused(tmp_path, redis_url):
         assert store.read("v1", 4, 3, np.array([7])).missing == [0]
         assert store.read("v1", 4, 4, np.array([8])).missing == [0]
         assert store.read("v1", 4, 1, np.array([5])).missing == []
+
+
+def test_log_skips_unknown_items_counts_them_and_exits_0(tmp_path, redis_url):
+    """Items the FM does not know, among the candidates (skipped, counted, one warning line)
+    and in a user's history (the OOV row), never fail `foundex log`."""
+    from store_bridge.events.files import read_dataset, write_dataset
+    from store_bridge.fm_tier import load_tae_function, repo_histories
+
+    project = "log_oov"
+    repo, events = make_fm_repo(tmp_path / "repo", project)
+    n_items = 60  # the FMs' vocabulary: make_fm_repo's synthetic items 0..59
+    # New items reach the event log after the FMs were trained: user 3 watched two of them.
+    ev, items, spec = read_dataset(repo.events_dir)
+    late = ev[EVENT_TIMESTAMP].max()
+    extra = ev[ev["user_id"] == 3].tail(2).copy()
+    extra["item_id"] = [n_items + 15, -2]
+    extra[EVENT_TIMESTAMP] = [late + pd.Timedelta(1, "s"), late + pd.Timedelta(2, "s")]
+    extra["request_id"] = ev["request_id"].max() + 1 + np.arange(2)
+    grown = pd.concat([ev, extra], ignore_index=True)
+    grown[EVENT_TIMESTAMP] = grown[EVENT_TIMESTAMP].astype("datetime64[us, UTC]")
+    write_dataset(repo.events_dir, grown, items, spec)
+
+    when = late + pd.Timedelta(1, "h")
+    imp = pd.DataFrame({
+        "user_id": [3, 3, 3, 3, 5], "item_id": [5, n_items + 15, 0, -1, 7],
+        EVENT_TIMESTAMP: [when] * 5, "surface": ["feed"] * 5,
+    })
+    imp_path = tmp_path / "impressions.parquet"
+    imp.to_parquet(imp_path, index=False)
+    cmd = [sys.executable, "-m", "api.cli", "log", "--impressions", str(imp_path),
+           "--repo", str(repo.path), "--no-progress"]
+    run = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, REDIS_URL=redis_url),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "does not know" in line]
+    assert len(warnings) == 2, run.stderr  # one per active version
+    assert all("skipped 2 of 5 impressions" in w and "-1, 75" in w for w in warnings), warnings
+    assert "v1: 3 rows" in run.stdout and "v2: 3 rows" in run.stdout, run.stdout
+
+    store = RedisEmbeddingStore(redis_client(redis_url), project)
+    histories = repo_histories(repo)
+    for v in repo.load_manifest().active():
+        off = offline_rows(repo, v.version).sort_values(["user_id", "item_id"])
+        assert off[["user_id", "item_id"]].values.tolist() == [[3, 0], [3, 5], [5, 7]]
+        # what was stored is the FM's TAE, the user's OOV history items included
+        fn = load_tae_function(repo, v, histories)
+        want = fn(off["user_id"].to_numpy(), off["item_id"].to_numpy(),
+                  timestamps_us(off[EVENT_TIMESTAMP]), np.array(["feed"] * 3))
+        np.testing.assert_allclose(np.stack(off["embedding"]), want, atol=1e-6)
+        assert np.isfinite(want).all()
+        assert store.read(v.version, v.dim, 3, np.array([n_items + 15, -1])).missing == [0, 1]
+        assert store.read(v.version, v.dim, 3, np.array([0, 5])).missing == []
+
+    # in-process: the report counts them; a function that cannot tell logs every row
+    fn = load_tae_function(repo, repo.load_manifest().versions["v1"], histories)
+    rep = log_version(repo, store, "v1", fn, prepare_impressions(imp), progress=False)
+    assert (rep.rows, rep.unknown_items) == (3, 2)
+    only_unknown = prepare_impressions(imp[imp["item_id"] < 0])
+    rep = log_version(repo, store, "v1", fn, only_unknown, progress=False)
+    assert (rep.rows, rep.unknown_items, rep.files) == (0, 1, 0)

@@ -12,7 +12,12 @@ Mapping:
   * a request = one user's impressions at one millisecond (`time_ms`);
   * action = bitmask of click (1), long_view (2), like (4), any social action (8);
   * item category = the first tag of the video; quality = log-odds of its like rate from the
-    statistics file (0 without it), standardised.
+    statistics file (0 without it), standardised;
+  * time: `time_ms` is the instant (UTC epoch milliseconds). The users are in China, so the
+    spec's time zone is Asia/Shanghai (UTC+8, no DST since 1991) and `hour` is the local hour
+    of `time_ms` there, derived the one way the FM derives it (fm.timefeatures). KuaiRand's
+    own `hourmin` is not used: it is the local hour rounded (about a sixth of the rows of the
+    partial copy read one hour later than their `time_ms`), a second, disagreeing copy.
 
 Exact duplicate log rows (the partial copy has 5,460) are dropped and counted in the report.
 """
@@ -25,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, validate_events
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, local_hours, validate_events
 
 LABELS = {  # canonical task <- KuaiRand column
     "click": "is_click",
@@ -38,6 +43,7 @@ LABELS = {  # canonical task <- KuaiRand column
     "hate": "is_hate",
 }
 MAIN_TASKS = ["click", "long_view"]
+TIME_ZONE = "Asia/Shanghai"
 UNSEEN_TASKS = ["hate"]
 LOG_COLUMNS = ["user_id", "video_id", "time_ms", "hourmin", "tab", *LABELS.values()]
 
@@ -117,14 +123,16 @@ def load_kuairand(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
     raw = raw.sort_values(["time_ms", "user_id", "video_id"], kind="stable").reset_index(drop=True)
 
     surfaces = [f"tab{t}" for t in sorted(raw["tab"].unique())]
+    ts = pd.Series(
+        (raw["time_ms"].to_numpy(np.int64) * 1000).astype("datetime64[us]")
+    ).dt.tz_localize("UTC")
     events = pd.DataFrame(
         {
             "user_id": raw["user_id"].to_numpy(np.int64),
             "item_id": raw["video_id"].to_numpy(np.int64),
-            EVENT_TIMESTAMP: pd.to_datetime(raw["time_ms"].to_numpy(np.int64), unit="ms", utc=True)
-            .astype("datetime64[us, UTC]"),
+            EVENT_TIMESTAMP: ts,
             "surface": "tab" + raw["tab"].astype(str),
-            "hour": (raw["hourmin"] // 100).clip(0, 23).astype(np.int8),
+            "hour": local_hours(ts, TIME_ZONE),
         }
     )
     # One request = one user's impressions at one instant.
@@ -152,6 +160,7 @@ def load_kuairand(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
         n_items=n_items,
         n_categories=n_categories,
         n_actions=16,
+        time_zone=TIME_ZONE,
     )
     validate_events(events, spec)
     report = LoadReport(

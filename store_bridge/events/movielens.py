@@ -4,7 +4,8 @@ One surface ("movielens"). A rating is an interaction; its value is the action (
 tasks derive from it: `like` (rating >= 4, the main task), `love` (rating == 5, auxiliary) and
 `dislike` (rating <= 2, kept from the FM: the "unseen" task). One request = one user's ratings
 at one second. MovieLens has no item side information in these files, so every item's category
-is 0 and quality 0.
+is 0 and quality 0. Timestamps are UTC epoch seconds and the raters live anywhere, so the
+spec's time zone stays UTC.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, validate_events
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, local_hours, validate_events
 
 SURFACE = "movielens"
 TASKS = ["like", "love", "dislike"]
@@ -62,7 +63,7 @@ def load_movielens(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, DatasetSpec]
             "item_id": raw["item_id"].to_numpy(np.int64),
             EVENT_TIMESTAMP: ts,
             "surface": SURFACE,
-            "hour": pd.Series(ts).dt.hour.to_numpy(np.int8),
+            "hour": local_hours(pd.Series(ts), "UTC"),  # the spec's zone: UTC
             "action": rating.astype(np.int16),
             "like": (rating >= 4).astype(np.float32),
             "love": (rating == 5).astype(np.float32),

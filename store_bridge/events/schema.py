@@ -6,7 +6,9 @@ Columns (parquet):
     item_id           int64
     event_timestamp   timestamp[us, UTC]   microseconds: Feast's DuckDB path rejects nanoseconds
     surface           string     where the impression was shown (one of DatasetSpec.surfaces)
-    hour              int8       hour of day, a context feature
+    hour              int8       local hour of day in DatasetSpec.time_zone, for people to read:
+                                 the FM never reads this column, it derives the same value
+                                 from event_timestamp (fm.timefeatures.hour_of_day)
     action            int16      the engagement seen on the impression as a small id (a bitmask
                                  of the dataset's action tasks, 0 = none); history tokens carry it
     <task>            float32    one column per task label; NaN where the task does not apply
@@ -16,7 +18,8 @@ Items (parquet, Feast's `item_features` source):
     item_id int64, category int64, quality float32, event_timestamp timestamp[us, UTC]
 
 `DatasetSpec` travels beside the log as `spec.json`: which surfaces exist, which tasks apply
-where, and which tasks the FM must never train on.
+where, which tasks the FM must never train on, and the time zone whose local hour of day is
+the dataset's context (the FM config takes it from here: `fm_fields`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ class DatasetSpec:
     n_items: int = 0
     n_categories: int = 0
     n_actions: int = 1  # action ids lie in [0, n_actions)
+    # Where the users live: the time zone of the hour-of-day context ("UTC", "+08:00" or an
+    # IANA name; see fm.timefeatures). spec.json files written before it existed read "UTC".
+    time_zone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        # Imported here: `fm`'s package imports PyTorch, which reading a spec must not cost.
+        from fm.timefeatures import check_time_zone
+
+        check_time_zone(self.time_zone)
 
     @property
     def all_tasks(self) -> list[str]:
@@ -66,13 +78,14 @@ class DatasetSpec:
 
     def fm_fields(self) -> dict[str, Any]:
         """The dataset's part of an `fm.FMConfig`: items, surfaces, the tasks the FM trains on
-        (never the unseen ones), actions."""
+        (never the unseen ones), actions, time zone."""
         return {
             "n_items": self.n_items,
             "surfaces": list(self.surfaces),
             "main_tasks": list(self.main_tasks),
             "aux_tasks": {s: self.fm_aux_tasks(s) for s in self.surfaces},
             "n_actions": self.n_actions,
+            "time_zone": self.time_zone,
         }
 
     def save(self, path: Path) -> None:
@@ -109,17 +122,34 @@ def event_arrow_schema(tasks: list[str]) -> pa.Schema:
 
 
 def as_microseconds(ts: pd.Series) -> pd.Series:
-    """Coerce a timestamp column to UTC microseconds (what Feast's DuckDB store accepts)."""
+    """Coerce a timestamp column to UTC microseconds (what Feast's DuckDB store accepts).
+
+    Naive values are taken as UTC; sub-microsecond parts are floored (before 1970 too);
+    instants outside pandas' nanosecond range (years 1677..2262) keep their value."""
     if isinstance(ts.dtype, pd.DatetimeTZDtype):  # to_datetime would box ~1000 values to check
         return ts.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
-    ts = pd.to_datetime(ts, utc=True)  # naive values are taken as UTC
-    return ts.astype("datetime64[us, UTC]")
+    if ts.dtype.kind == "M":  # naive datetime64 of any unit
+        return ts.astype("datetime64[us]").dt.tz_localize("UTC")
+    from fm.history import timestamps_us as fm_timestamps_us  # (lazy: see __post_init__)
+
+    us = fm_timestamps_us(ts)  # strings, datetime objects: the FM's one conversion
+    return pd.Series(us.astype("datetime64[us]"), index=ts.index, name=ts.name).dt.tz_localize(
+        "UTC"
+    )
 
 
 def timestamps_us(ts: pd.Series) -> np.ndarray:
     """A timestamp column as int64 microseconds since the epoch (UTC)."""
     naive = as_microseconds(ts).dt.tz_localize(None)
     return naive.to_numpy(dtype="datetime64[us]").view(np.int64)
+
+
+def local_hours(ts: pd.Series, time_zone: str) -> np.ndarray:
+    """The `hour` column of an event log: int8 local hour of day of each timestamp in
+    `time_zone`, derived exactly as the FM derives its own (fm.timefeatures.hour_of_day)."""
+    from fm.timefeatures import hour_of_day  # (lazy: see DatasetSpec.__post_init__)
+
+    return hour_of_day(timestamps_us(ts), time_zone).astype(np.int8)
 
 
 def validate_events(df: pd.DataFrame, spec: DatasetSpec) -> None:

@@ -8,7 +8,8 @@ The generative story, chosen so that a long history carries signal beyond the la
   small step per day, so interests drift slowly (weeks, not requests).
 * On top of that, users have short bursts: a temporary, strong interest in one random category
   lasting a few requests.
-* Each request (one per session-ish visit) happens on a surface at some hour. Its candidates are
+* Each request (one per session-ish visit) happens on a surface at some hour (of the UTC day:
+  the spec's time zone is UTC). Its candidates are
   a ranking funnel's mix: items drawn from the user's current interest and uniformly random items.
 * Labels are Bernoulli draws from logits that depend on the user's interest . item latent,
   the item quality, the surface and the hour. Engagement deeper than a click (long_view, like,
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from fm.timefeatures import hour_of_day, to_us
 from store_bridge.events.schema import (
     EVENT_TIMESTAMP,
     DatasetSpec,
@@ -158,7 +160,6 @@ class _Requests:
     user: np.ndarray  # (R,) int64, sorted by user then time
     day: np.ndarray  # (R,) int64
     ts_us: np.ndarray  # (R,) int64 microseconds since the start date
-    hour: np.ndarray  # (R,) int8
     surface: np.ndarray  # (R,) int64 index into SURFACES
     burst_cat: np.ndarray  # (R,) int64, -1 outside a burst
 
@@ -194,7 +195,6 @@ def _make_requests(cfg: SyntheticConfig, rng: np.random.Generator) -> _Requests:
     start = np.maximum(np.minimum(start, _US_PER_DAY - 1 - span), 0)
     in_day = start[session] + within
     ts_us = day * _US_PER_DAY + in_day
-    hour = (in_day // (3600 * _US_PER_SECOND)).astype(np.int8)
 
     surface = rng.choice(len(SURFACES), size=n_req, p=SURFACE_SHARE)
 
@@ -209,7 +209,7 @@ def _make_requests(cfg: SyntheticConfig, rng: np.random.Generator) -> _Requests:
     inside = (last >= user_first) & (idx - last < length[np.maximum(last, 0)])
     burst_cat = np.where(inside, cat[np.maximum(last, 0)], -1)
 
-    return _Requests(user, day, ts_us, hour, surface, burst_cat)
+    return _Requests(user, day, ts_us, surface, burst_cat)
 
 
 # ---------------------------------------------------------------- candidates
@@ -343,6 +343,10 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
     bursting = req.burst_cat >= 0
     interest[bursting] += 2.0 * centroids[req.burst_cat[bursting]]
 
+    # The hour of day (UTC, the spec's time zone) of each request, from its absolute time,
+    # derived the one way the FM derives it; the labels' diurnal effect reads the same hour.
+    req_hour = hour_of_day(to_us(start) + req.ts_us, spec.time_zone)
+
     # Impressions, in request order.
     r_idx = np.repeat(np.arange(len(req.user)), m)
     item = cand.ravel()
@@ -350,7 +354,7 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
     labels = _make_labels(
         rng,
         req.surface[r_idx],
-        req.hour[r_idx].astype(np.float64),
+        req_hour[r_idx].astype(np.float64),
         affinity,
         items.quality[item].astype(np.float64),
         items.latent[item],
@@ -370,7 +374,7 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, DatasetS
             "item_id": item.astype(np.int64),
             EVENT_TIMESTAMP: as_microseconds(ts),
             "surface": np.array(SURFACES, dtype=object)[req.surface[r_idx]],
-            "hour": req.hour[r_idx].astype(np.int8),
+            "hour": req_hour[r_idx].astype(np.int8),
             "action": np.zeros(len(r_idx), dtype=np.int16),
             **{task: labels[task] for task in spec.all_tasks},
         }
