@@ -6,10 +6,13 @@ DuckDB point-in-time joins, and the same expert code the service scores with.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +108,36 @@ def write_user_history(repo: FeatureRepo, events: pd.DataFrame, as_of: pd.Timest
     return path
 
 
+def _is_tty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+@contextlib.contextmanager
+def _quiet(stdout: bool, stderr: bool) -> Iterator[None]:
+    """Swallow a library's own console chatter (Feast's colour codes, its tqdm bar) on the
+    streams named; its exceptions still propagate."""
+    with contextlib.ExitStack() as stack:
+        if stdout:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        yield
+
+
+# The stages as README's "What `foundex demo` does" numbers them.
+STAGES = (
+    "synthetic events, feast apply",
+    "two FMs (small v1, large v2), one streaming pass each, published as versions",
+    "logging both versions' TAEs for the impressions after the FM window (parquet + Redis)",
+    "item features and user histories online (feast materialize)",
+    "expert configs pinned to each version and a no-FM baseline, applied (feast apply)",
+    "point-in-time training sets, expert training, NE per task beside the FMs' own",
+)
+
+
 def run_demo(
     repo: FeatureRepo,
     redis_url: str,
@@ -113,11 +146,19 @@ def run_demo(
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> DemoReport:
+    """Run the demo's six STAGES into `repo`; returns what they measured.
+
+    `say` gets one heading line per stage and one `done in N.Ns` line when it ends. Progress
+    bars (ours and Feast's) are drawn only when `progress` is set and stderr is a terminal;
+    otherwise nothing with carriage returns or ANSI codes is printed, so logs stay plain.
+    """
     import os
 
     os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    bars = progress and _is_tty(sys.stderr)
     clock: dict[str, float] = {}
     t = time.perf_counter()
+    stage_start = t
 
     def lap(name: str) -> None:
         nonlocal t
@@ -125,7 +166,15 @@ def run_demo(
         clock[name] = round(now - t, 2)
         t = now
 
-    say("1/7 synthetic events")
+    def stage(n: int) -> None:
+        nonlocal stage_start
+        stage_start = time.perf_counter()
+        say(f"{n}/{len(STAGES)} {STAGES[n - 1]}")
+
+    def done() -> None:
+        say(f"    done in {time.perf_counter() - stage_start:.1f}s")
+
+    stage(1)
     reset_state(repo, redis_url)
     events, items, spec = generate(size.synthetic)
     write_dataset(repo.events_dir, events, items, spec)
@@ -138,8 +187,9 @@ def run_demo(
     say(f"    {len(events):,} impressions, {spec.n_users} users, {spec.n_items} items")
     feast_apply(repo, redis_url)
     lap("data")
+    done()
 
-    say("2/7 FM training (small v1, large v2), one streaming pass each")
+    stage(2)
     fm_start, fm_end = windows["fm"]
     fm_kw = dict(
         **spec.fm_fields(),
@@ -148,7 +198,7 @@ def run_demo(
     versions = {}
     for label, config in [("small", FMConfig.small(**fm_kw)), ("large", FMConfig.large(**fm_kw))]:
         result = train_streaming(
-            events, config, end=fm_end, max_steps=size.fm_max_steps, progress=progress
+            events, config, end=fm_end, max_steps=size.fm_max_steps, progress=bars
         )
         ckpt = repo.data / "training" / f"fm_{label}.pt"
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -163,8 +213,9 @@ def run_demo(
         versions[entry.version] = entry
         say(f"    published {entry.version} ({label}, dim {entry.dim}, {result.seconds:.1f}s)")
     lap("fm_train")
+    done()
 
-    say("3/7 logging TAEs of every active version (offline parquet + Redis)")
+    stage(3)
     store = RedisEmbeddingStore(redis_client(redis_url, timeout=30), repo.project)
     histories = UserHistories.from_events(events, spec.surfaces)
     logged = events[events[EVENT_TIMESTAMP] >= fm_end]
@@ -172,20 +223,23 @@ def run_demo(
     for entry in versions.values():
         rep = log_version(
             repo, store, entry.version, load_tae_function(repo, entry, histories), impressions,
-            progress=progress,
+            progress=bars,
         )
         report.logging.append(rep)
         say(f"    {entry.version}: {rep.rows:,} rows, {rep.rows_per_s:,.0f} rows/s")
     lap("logging")
+    done()
 
-    say("4/7 item features and user histories online (feast materialize)")
+    stage(4)
     end = windows["eval"][1]
     write_user_history(repo, events, end)
     from feast import FeatureStore
 
     fs = FeatureStore(repo_path=str(repo.path))
-    with warnings.catch_warnings():  # ibis's own use of a deprecated DuckDB call
-        warnings.simplefilter("ignore", DeprecationWarning)
+    # Feast prints colour codes to stdout and draws a tqdm bar on stderr: kept only where
+    # they land on a terminal and bars are wanted.
+    with warnings.catch_warnings(), _quiet(not (bars and _is_tty(sys.stdout)), not bars):
+        warnings.simplefilter("ignore", DeprecationWarning)  # ibis's use of a deprecated DuckDB call
         fs.materialize(
             start_date=(events[EVENT_TIMESTAMP].min() - pd.Timedelta(days=1)).to_pydatetime(),
             end_date=(end + pd.Timedelta(seconds=1)).to_pydatetime(),
@@ -197,8 +251,9 @@ def run_demo(
 
     ibis.options.default_backend = None
     lap("materialize")
+    done()
 
-    say("5/7 experts: configs pinned to each version, plus a no-FM baseline")
+    stage(5)
     surface = spec.surfaces[0]
     tasks = list(spec.surface_tasks[surface])
     configs = [
@@ -219,8 +274,9 @@ def run_demo(
         save_expert_config(cfg, repo.experts_dir)
     feast_apply(repo, redis_url)
     lap("expert_configs")
+    done()
 
-    say("6/7 point-in-time training sets and expert training")
+    stage(6)
     rows = events[(events["surface"] == surface) & (events[EVENT_TIMESTAMP] >= fm_end)]
     labels = rows[["user_id", "item_id", EVENT_TIMESTAMP, "surface", *tasks]]
     split = windows["eval"][0]
@@ -233,20 +289,19 @@ def run_demo(
         test = frame[frame[EVENT_TIMESTAMP] >= split]
         model = train_expert(
             cfg, train, n_items=spec.n_items, n_categories=spec.n_categories,
-            n_actions=spec.n_actions, tae_dim=entry.dim if entry else None, progress=progress,
+            n_actions=spec.n_actions, tae_dim=entry.dim if entry else None, progress=bars,
         )
         save_expert(model, cfg, repo.models_dir / f"{cfg.name}.pt")
         report.expert_ne[cfg.name] = evaluate(model, test)
         report.experts[cfg.name] = cfg.fm_version
     lap("experts")
-
-    say("7/7 FM NE on the evaluation window")
-    for v, entry in versions.items():
+    for v, entry in versions.items():  # the FMs' own NE on the same evaluation window
         from fm import load_checkpoint
 
         model, _ = load_checkpoint(repo.data / entry.checkpoint)
         report.fm_ne[v] = evaluate_fm(model, events, model.config, *windows["eval"])
     lap("fm_eval")
+    done()
     report.seconds = clock
     return report
 

@@ -15,11 +15,13 @@ one dimension encodes and decodes as one NumPy reshape.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mmh3
 import numpy as np
 from feast.protos.feast.types.Value_pb2 import FloatList, Value
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 # Entity-key value type ids from feast.types.Value (ValueType enum).
@@ -96,35 +98,130 @@ def encode_float_lists(matrix: np.ndarray) -> list[bytes]:
     return [raw[i * w : (i + 1) * w] for i in range(len(buf))]
 
 
-class LayoutError(ValueError):
-    """A stored value is not the float_list Value of the expected dimension."""
+@dataclass
+class DecodedRows:
+    """Stored float_list Values decoded into one matrix.
+
+    `matrix` is [n, dim] float32 with NaN rows where nothing usable is stored; `missing` holds
+    the indices of those rows, ascending: absent, Feast's null (an empty Value) or undecodable;
+    `undecodable` the subset of `missing` whose stored bytes were present but unusable: not a
+    float_list Value, another width, truncated, or holding NaN/Inf.
+    """
+
+    matrix: np.ndarray
+    missing: list[int]
+    undecodable: list[int]
 
 
-def decode_float_lists(values: list[bytes | None], dim: int) -> tuple[np.ndarray, list[int]]:
-    """Decode stored Values into a [n, dim] float32 matrix; rows that are None become NaN.
+def decode_float_lists(values: list[bytes | None], dim: int) -> DecodedRows:
+    """Decode stored Values (None where absent) into a [n, dim] float32 matrix, never raising
+    for a bad row: each is reported in `missing` and `undecodable` while the others are served.
 
-    Returns the matrix and the indices of the missing rows.
+    Rows of the packed layout Feast writes decode in one vectorised pass; only rows that do not
+    fit it are parsed with protobuf (another valid encoding of the same Value is still served).
     """
     header = float_list_header(dim)
     width = len(header) + 4 * dim
-    present = [i for i, v in enumerate(values) if v is not None]
-    out = np.full((len(values), dim), np.nan, dtype=np.float32)
-    if present:
-        blob = b"".join([values[i] for i in present])  # type: ignore[misc]
-        if len(blob) != width * len(present):
-            raise LayoutError(f"stored embeddings are not {dim}-d float_list values")
-        rows = np.frombuffer(blob, dtype=np.uint8).reshape(len(present), width)
-        if not (rows[:, : len(header)] == np.frombuffer(header, dtype=np.uint8)).all():
-            raise LayoutError(f"stored embeddings are not {dim}-d float_list values")
-        out[present] = rows[:, len(header) :].copy().view("<f4")
-    missing = [i for i, v in enumerate(values) if v is None]
-    return out, missing
+    n = len(values)
+    out = np.full((n, dim), np.nan, dtype=np.float32)
+    lengths = np.fromiter([-1 if v is None else len(v) for v in values], dtype=np.int64, count=n)
+    served = np.zeros(n, dtype=bool)
+    fits = np.flatnonzero(lengths == width)
+    if len(fits):
+        fitting = values if len(fits) == n else [values[i] for i in fits.tolist()]
+        raw = np.frombuffer(b"".join(fitting), dtype=np.uint8).reshape(len(fits), width)  # type: ignore[arg-type]
+        vecs = raw[:, len(header) :].copy().view("<f4")
+        heads = raw[:, : len(header)] == np.frombuffer(header, dtype=np.uint8)
+        ok = np.ones(len(fits), dtype=bool) if heads.all() else heads.all(axis=1)
+        # A row sum is NaN/Inf when any value is, and a cheaper pass than isfinite over every
+        # value; a finite row whose float32 sum overflows is rechecked value by value.
+        sums_ok = np.isfinite(np.einsum("ij->i", vecs))
+        if not sums_ok.all():
+            sums_ok[~sums_ok] = np.isfinite(vecs[~sums_ok]).all(axis=1)
+        ok &= sums_ok
+        if ok.all():
+            out[fits] = vecs
+            served[fits] = True
+        else:
+            out[fits[ok]] = vecs[ok]
+            served[fits[ok]] = True
+    # Present but not in the packed layout of this width: the rare slow path.
+    odd = (lengths >= 0) & ~served
+    if not odd.any():
+        return DecodedRows(out, np.flatnonzero(lengths < 0).tolist(), [])
+    bad = np.zeros(n, dtype=bool)
+    for i in np.flatnonzero(odd).tolist():
+        vec = _parse_float_list(values[i], dim)  # type: ignore[arg-type]
+        if vec is _NULL:
+            continue
+        if vec is None:
+            bad[i] = True
+        else:
+            out[i] = vec
+            served[i] = True
+    return DecodedRows(out, np.flatnonzero(~served).tolist(), np.flatnonzero(bad).tolist())
+
+
+_NULL = np.empty(0, dtype=np.float32)  # a Value that holds nothing, as Feast writes a None
+
+
+def _parse_float_list(raw: bytes, dim: int) -> np.ndarray | None:
+    """One stored Value parsed by protobuf: its `dim` finite floats; `_NULL` for Feast's null
+    (an empty Value, b"", or `null_val`); None for anything else."""
+    value = Value()
+    try:
+        value.ParseFromString(raw)
+    except (DecodeError, ValueError, TypeError):
+        return None
+    kind = value.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return _NULL
+    if kind != "float_list_val" or len(value.float_list_val.val) != dim:
+        return None
+    vec = np.asarray(value.float_list_val.val, dtype=np.float32)
+    return vec if np.isfinite(vec).all() else None
 
 
 def encode_timestamp_us(ts_us: int) -> bytes:
     t = Timestamp()
     t.FromMicroseconds(int(ts_us))
     return t.SerializeToString()
+
+
+# The range google.protobuf.Timestamp allows: 0001-01-01 to 9999-12-31, in seconds.
+_TS_MIN_S, _TS_MAX_S = -62_135_596_800, 253_402_300_799
+
+
+def decode_timestamp_us(raw: bytes) -> int | None:
+    """A stored serialized Timestamp as microseconds since 1970, or None if the bytes are not
+    one (only fields 1 and 2 as varints of at most 10 bytes, seconds and nanos in range).
+
+    The same rules as the compare-and-set write script's decoder in `online.py`.
+    """
+    secs = nanos = 0
+    i, n = 0, len(raw)
+    while i < n:
+        tag = raw[i]
+        if tag not in (0x08, 0x10):
+            return None
+        i += 1
+        v, shift = 0, 0
+        while True:
+            if i >= n or shift > 63:
+                return None
+            b = raw[i]
+            i += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        if tag == 0x08:
+            secs = v - (1 << 64) if v >= 1 << 63 else v  # int64, two's complement
+        else:
+            nanos = v
+    if not (_TS_MIN_S <= secs <= _TS_MAX_S and 0 <= nanos < 1_000_000_000):
+        return None
+    return secs * 1_000_000 + nanos // 1000
 
 
 def _varints(values: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

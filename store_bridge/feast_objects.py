@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64
 
 from store_bridge.events.schema import EVENT_TIMESTAMP
@@ -27,11 +28,36 @@ class ExpertLike(Protocol):
     item_features: list[str]
 
 
+def _duckdb_reads_directories() -> bool:
+    """DuckDB 2.0 reads a directory path as every *.parquet file below it; 1.x finds no files."""
+    import duckdb
+
+    try:
+        return int(duckdb.__version__.split(".")[0]) >= 2
+    except ValueError:
+        return False
+
+
 def tae_source(repo: FeatureRepo, version: str) -> FileSource:
-    # A glob, not the directory: Feast's DuckDB offline store cannot read a bare directory.
+    """The offline source of one version's TAEs: the partitioned files data/tae_<v>/<date>/*.parquet.
+
+    `feast apply` checks that a FileSource's path exists as written, so a glob always draws a
+    "FileSource path does not exist" warning even when its files are there (harmless: only the
+    check is literal, reads expand the glob). Where DuckDB reads a directory (2.0 on), the source
+    is the directory itself, which the check accepts; `file_format` must then be given, as
+    Feast's DuckDB store only infers parquet from a path ending in `.parquet`.
+    """
+    root = repo.tae_dir(version)
+    if _duckdb_reads_directories():
+        return FileSource(
+            name=f"tae_{version}_source",
+            path=_abs(root),
+            file_format=ParquetFormat(),
+            timestamp_field=EVENT_TIMESTAMP,
+        )
     return FileSource(
         name=f"tae_{version}_source",
-        path=_abs(repo.tae_dir(version) / "*" / "*.parquet"),
+        path=_abs(root / "*" / "*.parquet"),
         timestamp_field=EVENT_TIMESTAMP,
     )
 

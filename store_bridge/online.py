@@ -12,7 +12,7 @@ they go through the client's non-transactional pipeline, split per node by key s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
@@ -21,6 +21,7 @@ import redis.cluster
 from store_bridge.feast_layout import (
     TIMESTAMP_WIDTH,
     decode_float_lists,
+    decode_timestamp_us,
     encode_float_lists,
     encode_timestamp_us,
     entity_key_prefix,
@@ -42,7 +43,10 @@ class StoreUnavailable(RuntimeError):
 @dataclass
 class EmbeddingRows:
     matrix: np.ndarray  # [n, dim] float32, NaN rows where missing
-    missing: list[int]  # indices into the requested item_ids
+    missing: list[int]  # indices into the requested item_ids, ascending
+    # The subset of `missing` whose stored bytes were unusable (not a float_list Value of
+    # this width, truncated, NaN or Inf): served as missing, counted apart by the caller.
+    undecodable: list[int] = field(default_factory=list)
 
 
 class EmbeddingStore(ABC):
@@ -50,7 +54,11 @@ class EmbeddingStore(ABC):
 
     @abstractmethod
     def read(self, version: str, dim: int, user_id: int, item_ids: np.ndarray) -> EmbeddingRows:
-        """TAEs of `item_ids` for one user, in order; missing rows reported by index."""
+        """TAEs of `item_ids` for one user, in order; missing rows reported by index.
+
+        A stored row that cannot be decoded is reported as missing (and in `undecodable`)
+        rather than failing the read. Raises StoreUnavailable when the store does not answer.
+        """
 
     @abstractmethod
     def write(
@@ -97,11 +105,11 @@ class RedisEmbeddingStore(EmbeddingStore):
                 with self.client.pipeline(transaction=False) as pipe:
                     for k in keys:
                         pipe.hget(k, field)
-                    values = pipe.execute()
+                    values = [_wrong_type_as_bad(v) for v in pipe.execute(raise_on_error=False)]
         except redis.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
-        matrix, missing = decode_float_lists(values, dim)
-        return EmbeddingRows(matrix, missing)
+        rows = decode_float_lists(values, dim)
+        return EmbeddingRows(rows.matrix, rows.missing, rows.undecodable)
 
     def write(
         self,
@@ -187,11 +195,15 @@ class RedisEmbeddingStore(EmbeddingStore):
         with self.client.pipeline(transaction=False) as pipe:
             for k in keys:
                 pipe.hget(k, tfield)
-            stored = pipe.execute()
+            stored = [_wrong_type_as_bad(v, _SKIP) for v in pipe.execute(raise_on_error=False)]
         written = 0
         with self.client.pipeline(transaction=False) as pipe:
             for k, v, t, old in zip(keys, values, ts_us, stored, strict=True):
-                if old is not None and _decode_ts_us(old) > int(t):
+                if old is _SKIP:  # the key holds no hash: not ours to overwrite
+                    continue
+                # An unreadable stored time is overwritten rather than kept forever.
+                old_us = None if old is None else decode_timestamp_us(old)
+                if old_us is not None and old_us > int(t):
                     continue
                 pipe.hset(k, mapping={field: v, tfield: encode_timestamp_us(int(t))})
                 written += 1
@@ -199,13 +211,32 @@ class RedisEmbeddingStore(EmbeddingStore):
         return written
 
 
+# What a key that holds no hash reads as: one zero byte, never a valid Value (field 0 does not
+# exist in protobuf), so the row counts as undecodable. (An empty value is Feast's null.)
+_NOT_A_HASH = b"\x00"
+_SKIP = object()  # the same, for a write: the key is left alone
+
+
+def _wrong_type_as_bad(value, wrong_type=_NOT_A_HASH):
+    """A pipelined HGET's reply: a key that holds no hash (WRONGTYPE) reads as `wrong_type`;
+    any other error means the store did not answer (StoreUnavailable)."""
+    if isinstance(value, Exception):
+        if isinstance(value, redis.ResponseError) and str(value).startswith("WRONGTYPE"):
+            return wrong_type
+        raise StoreUnavailable(f"redis: {value}") from value
+    return value
+
+
 # One version's field of every candidate key in one call (single Redis only: the keys of one
-# request would span slots on a cluster).
+# request would span slots on a cluster). A key that holds no hash (WRONGTYPE) reads as
+# `_NOT_A_HASH` instead of failing the whole request.
 _HGET_ALL = """
 local field = ARGV[1]
 local out = {}
 for i, key in ipairs(KEYS) do
-  out[i] = redis.call('HGET', key, field)
+  local v = redis.pcall('HGET', key, field)
+  if type(v) == 'table' then v = '\\0' end
+  out[i] = v
 end
 return out
 """
@@ -215,34 +246,45 @@ return out
 # event time is newer. ARGV: value field, time field, value width, time record width, then the
 # values (one per key, fixed width) and the time records (a length byte, then the serialized
 # Timestamp, zero-padded) as two blobs. Times are decoded only to compare with a stored one;
-# microseconds since 1970 stay below 2^53, exact in Lua's doubles.
+# microseconds since 1970 stay below 2^53, exact in Lua's doubles. A stored time that is not a
+# Timestamp (feast_layout.decode_timestamp_us's rules) decodes as -1, so it is overwritten
+# rather than blocking its key forever (or failing the whole batch). A key that holds no hash
+# is left alone (not counted as written) rather than failing the batch.
 _CAS_WRITE = """
 local function decode_ts(raw)
   local secs, nanos, i, n = 0, 0, 1, #raw
   while i <= n do
     local tag = string.byte(raw, i)
+    if tag ~= 8 and tag ~= 16 then return -1 end
     i = i + 1
     local v, mult, b = 0, 1, 128
     while b >= 128 do
+      if i > n or mult > 2^63 then return -1 end
       b = string.byte(raw, i)
       i = i + 1
       v = v + (b % 128) * mult
       mult = mult * 128
     end
-    if tag == 8 then secs = v elseif tag == 16 then nanos = v end
+    if tag == 8 then
+      if v >= 2^63 then v = v - 2^64 end
+      secs = v
+    else
+      nanos = v
+    end
   end
+  if secs < -62135596800 or secs > 253402300799 or nanos >= 1000000000 then return -1 end
   return secs * 1000000 + math.floor(nanos / 1000)
 end
 local vf, tf = ARGV[1], ARGV[2]
 local vw, tw = tonumber(ARGV[3]), tonumber(ARGV[4])
 local values, times = ARGV[5], ARGV[6]
-local sub, byte, call = string.sub, string.byte, redis.call
+local sub, byte, call, pcall = string.sub, string.byte, redis.call, redis.pcall
 local written = 0
 for i = 1, #KEYS do
   local at = (i - 1) * tw + 1
   local ts = sub(times, at + 1, at + byte(times, at))
-  local old = call('HGET', KEYS[i], tf)
-  if (not old) or decode_ts(old) <= decode_ts(ts) then
+  local old = pcall('HGET', KEYS[i], tf)
+  if type(old) ~= 'table' and ((not old) or decode_ts(old) <= decode_ts(ts)) then
     call('HSET', KEYS[i], vf, sub(values, (i - 1) * vw + 1, i * vw), tf, ts)
     written = written + 1
   end
@@ -262,8 +304,8 @@ def _glob_escape(raw: bytes) -> bytes:
 
 
 def _decode_ts_us(raw: bytes) -> int:
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    t = Timestamp()
-    t.ParseFromString(raw)
-    return t.seconds * 1_000_000 + t.nanos // 1000
+    """A stored event time in microseconds; ValueError if the bytes are not a Timestamp."""
+    us = decode_timestamp_us(raw)
+    if us is None:
+        raise ValueError(f"not a serialized Timestamp: {raw[:16]!r}")
+    return us

@@ -104,9 +104,13 @@ class LiveServer:
 def pytest_sessionfinish(session, exitstatus):
     # Feast's DuckDB offline store keeps its connection on ibis's default backend; closing it
     # before interpreter exit keeps DuckDB's binding from reporting "leaks" at shutdown.
+    # The app's lifespan gc.freeze()s everything loaded at startup; frozen objects are never
+    # collected, not even at exit, where triton's nanobind module (imported by torch._dynamo
+    # with any torch optimizer) then reports hundreds of them as leaked: thaw them first.
     import gc
     import sys
 
+    gc.unfreeze()
     if "ibis" in sys.modules:
         sys.modules["ibis"].options.default_backend = None
-        gc.collect()
+    gc.collect()

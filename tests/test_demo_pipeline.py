@@ -58,7 +58,7 @@ def test_feast_reads_what_the_demo_wrote(demo_repo, redis_url):
     ).to_dict()
     for want, have in zip(sample["embedding"], got["embedding"], strict=True):
         np.testing.assert_allclose(have, want, rtol=0, atol=1e-6)
-    # the historical path reads the same offline files through the view's glob source
+    # the historical path reads the same partitioned offline files through the view's source
     entity = sample[["user_id", "item_id", "event_timestamp"]].reset_index(drop=True)
     hist = fs.get_historical_features(entity_df=entity, features=["fm_tae_v1:embedding"]).to_df()
     assert hist["embedding"].notna().all() and len(hist) == len(entity)
@@ -71,6 +71,10 @@ def test_feast_apply_again_keeps_versions_and_experts(demo_repo, redis_url):
     env = dict(os.environ, **{FEAST_ENV: feast_connection_string(redis_url)})
     proc = subprocess.run([feast_cli(), "apply"], cwd=repo.path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # Every source validates: the TAE views' partitioned files included (no "FileSource path
+    # does not exist" for a glob whose files are there).
+    output = proc.stdout + proc.stderr
+    assert "Could not validate" not in output and "does not exist" not in output, output
     fs = FeatureStore(repo_path=str(repo.path))
     views = {v.name: v for v in fs.list_feature_views()}
     assert {"fm_tae_v1", "fm_tae_v2", "item_features", "user_history"} <= set(views)
@@ -98,7 +102,13 @@ def test_cli_training_set(demo_repo, redis_url, tmp_path):
     repo, report = demo_repo
     name = next(n for n, v in report.experts.items() if v == "v2")
     tae = pd.read_parquet(repo.tae_dir("v2")).head(30)
-    entities = tae[["user_id", "item_id", "event_timestamp"]].assign(click=1.0)
+    from experts import load_expert_configs
+
+    tasks = next(c.tasks for c in load_expert_configs(repo.experts_dir) if c.name == name)
+    # one label column per task of the expert (NaN where a task does not apply)
+    entities = tae[["user_id", "item_id", "event_timestamp"]].assign(
+        **{t: (1.0 if i == 0 else np.nan) for i, t in enumerate(tasks)}
+    )
     entities.to_parquet(tmp_path / "labels.parquet")
     out = run_cli(
         ["training-set", "--expert", name, "--entities", str(tmp_path / "labels.parquet"),
@@ -156,6 +166,5 @@ def test_versions_log_and_serve_from_the_pruned_artifact(demo_repo):
         got = engine.compute(
             rows["user_id"].to_numpy(), rows["item_id"].to_numpy(),
             timestamps_us(rows["event_timestamp"]), rows["surface"].to_numpy(),
-            rows["hour"].to_numpy(),
         )
     np.testing.assert_allclose(got, np.stack(logged["embedding"]), atol=1e-6)

@@ -11,7 +11,6 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import FloatList, Value
 
 from store_bridge.feast_layout import (
-    LayoutError,
     decode_float_lists,
     encode_float_lists,
     entity_keys,
@@ -42,16 +41,20 @@ def test_float_lists_round_trip_and_match_protobuf(dim):
     for row, raw in zip(m, encoded, strict=True):
         assert raw == Value(float_list_val=FloatList(val=row.tolist())).SerializeToString()
     values = [encoded[0], None, encoded[2], encoded[3], None]
-    out, missing = decode_float_lists(values, dim)
-    assert missing == [1, 4]
-    np.testing.assert_array_equal(out[[0, 2, 3]], m[[0, 2, 3]])
-    assert np.isnan(out[[1, 4]]).all()
+    rows = decode_float_lists(values, dim)
+    assert rows.missing == [1, 4]
+    assert rows.undecodable == []
+    np.testing.assert_array_equal(rows.matrix[[0, 2, 3]], m[[0, 2, 3]])
+    assert np.isnan(rows.matrix[[1, 4]]).all()
 
 
-def test_decode_refuses_other_dimension():
-    raw = encode_float_lists(np.zeros((1, 8), dtype=np.float32))
-    with pytest.raises(LayoutError, match="16-d"):
-        decode_float_lists(raw, 16)
+def test_decode_reports_other_dimension_as_undecodable():
+    # Stored rows of another width are served as missing (and counted), never raised.
+    raw = encode_float_lists(np.zeros((2, 8), dtype=np.float32))
+    rows = decode_float_lists(raw, 16)
+    assert rows.missing == [0, 1]
+    assert rows.undecodable == [0, 1]
+    assert rows.matrix.shape == (2, 16) and np.isnan(rows.matrix).all()
 
 
 def test_online_store_interoperates_with_feast(redis_url, feature_repo):

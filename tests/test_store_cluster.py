@@ -145,3 +145,43 @@ def test_read_write_on_a_three_node_cluster(redis_cluster):
         assert store.read("v1", dim, user, items).missing == list(range(500))
     finally:
         client.close()
+
+
+def test_bad_rows_and_times_on_a_cluster(redis_cluster):
+    """The cluster paths (per-node pipelines) serve bad stored rows as missing and counted,
+    read a key that holds no hash as undecodable, and overwrite a garbage stored time."""
+    from store_bridge.feast_layout import encode_timestamp_us, ts_field
+    from tests.test_store_decode import DIM, TS, USER, _check, _plant
+
+    client = RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", p) for p in redis_cluster], socket_timeout=5
+    )
+    try:
+        store = RedisEmbeddingStore(client, "cluster_bad")
+        items, m, _ = _plant(store, "v1")
+        keys = entity_keys("cluster_bad", {"user_id": np.full(len(items), USER), "item_id": items})
+        assert len({client.get_node_from_key(k).port for k in keys}) > 1
+        _check(store.read("v1", DIM, USER, items), m)
+
+        client.delete(keys[0])
+        client.set(keys[0], b"a string, not a hash")
+        rows = store.read("v1", DIM, USER, items[[0, 4]])
+        assert rows.missing == [0] and rows.undecodable == [0]
+        twos = np.full((2, DIM), 2.0, dtype=np.float32)
+        assert store.write("v1", np.full(2, USER), items[[0, 6]], np.full(2, TS), twos) == 1
+        assert client.get(keys[0]) == b"a string, not a hash"
+        assert store.read("v1", DIM, USER, items[[6]]).matrix[0].tobytes() == twos[1].tobytes()
+        client.delete(keys[0])
+
+        tfield = ts_field("fm_tae_v1")
+        client.hset(keys[4], tfield, b"\xff\x00garbage")
+        client.hset(keys[11], tfield, encode_timestamp_us(TS + 10**9))  # newer: kept
+        ones = np.ones((2, DIM), dtype=np.float32)
+        assert store.write("v1", np.full(2, USER), items[[4, 11]], np.full(2, TS + 1), ones) == 1
+        got = store.read("v1", DIM, USER, items[[4, 11]])
+        np.testing.assert_array_equal(got.matrix[0], ones[0])
+        assert got.matrix[1].tobytes() == m[11].tobytes()
+        assert client.hget(keys[4], tfield) == encode_timestamp_us(TS + 1)
+        store.delete_version("v1")
+    finally:
+        client.close()

@@ -1,0 +1,43 @@
+"""`foundex demo` output when it is not on a terminal: plain lines, no bars, no colour codes."""
+
+from __future__ import annotations
+
+import re
+
+from tests.conftest import ROOT, copy_feature_repo
+
+
+def test_demo_output_is_plain_when_not_a_terminal(tmp_path, redis_url, capfd):
+    """Progress asked for, but stdout and stderr are captured (not terminals): no carriage
+    returns, no ANSI escapes from our bars or from Feast's materialize, and one heading plus one
+    `done in` line per stage, in README's order."""
+    from api.pipeline import STAGES, DemoSize, run_demo
+    from store_bridge.repo import FeatureRepo
+
+    path = copy_feature_repo(tmp_path / "feature_repo")
+    yaml_path = path / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("project: foundex", "project: demo_out"))
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        print(line)  # as the CLI's typer.echo would: onto the captured stdout
+
+    run_demo(FeatureRepo(path), redis_url, DemoSize.tiny(), progress=True, say=say)
+    out, err = capfd.readouterr()
+    for name, text in [("stdout", out), ("stderr", err)]:
+        assert "\r" not in text, f"carriage return on {name}: {text[-500:]!r}"
+        assert "\x1b[" not in text, f"ANSI escape on {name}: {text[-500:]!r}"
+    headings = [s for s in lines if re.match(r"\d+/\d+ ", s)]
+    assert headings == [f"{i}/{len(STAGES)} {title}" for i, title in enumerate(STAGES, 1)]
+    assert len([s for s in lines if re.fullmatch(r" {4}done in \d+\.\d+s", s)]) == len(STAGES)
+
+
+def test_stages_match_the_readme():
+    """The demo prints as many stages as README's "What `foundex demo` does" lists."""
+    from api.pipeline import STAGES
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## What `foundex demo` does", 1)[1].split("\n## ", 1)[0]
+    steps = re.findall(r"^(\d+)\. ", section, flags=re.MULTILINE)
+    assert steps == [str(i) for i in range(1, len(STAGES) + 1)]
