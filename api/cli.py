@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
 from api.settings import Settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from store_bridge.redis_server import EmbeddedRedis
 
 app = typer.Typer(
     help="foundex: a Feast-centred embedding service for the Foundation-Expert paradigm.",
@@ -31,6 +39,21 @@ RepoOpt = Annotated[
 ]
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@app.callback()
+def _main() -> None:
+    # SIGTERM and SIGHUP end Python without running atexit hooks, so an embedded
+    # redis-server that a command started would outlive it, orphaned. Turned into an exit,
+    # they run them. (uvicorn restores this handler after its own graceful shutdown and then
+    # re-raises the signal it caught.) A signal set to be ignored (nohup) stays ignored.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _exit_on_signal)
+
+
 def _settings(repo: Path | None) -> Settings:
     settings = Settings()
     if repo is not None:
@@ -41,16 +64,27 @@ def _settings(repo: Path | None) -> Settings:
 
 
 def _redis(settings: Settings) -> str:
-    """REDIS_URL, or the embedded server (started here, stopped when this process exits)."""
-    from store_bridge.redis_server import resolve_redis_url
+    """REDIS_URL, or the repo's embedded server (see `_resolve_redis`)."""
+    return _resolve_redis(settings)[0]
 
-    url, server = resolve_redis_url(settings.redis_url, settings.repo / "data")
+
+def _resolve_redis(settings: Settings, *, detach: bool = False) -> tuple[str, EmbeddedRedis | None]:
+    """REDIS_URL, or the repo's embedded server: reused if one runs, else started here and
+    stopped when this process exits (`detach`: left running). Exit 2 with one line for a
+    REDIS_URL that foundex or Feast cannot use, or a server that does not start."""
+    from store_bridge.redis_server import RedisUnavailable, resolve_redis_url
+
+    try:
+        url, server = resolve_redis_url(settings.redis_url, settings.repo / "data", detach=detach)
+    except (ValueError, RedisUnavailable) as e:
+        _fail(str(e))
     if server is not None:
-        typer.echo(f"using embedded redis at {url} (data in {server.data_dir})", err=True)
-    return url
+        how = "started" if server.started else "using"
+        typer.echo(f"{how} embedded redis at {url} (data in {server.data_dir})", err=True)
+    return url, server
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(2)
 
@@ -58,12 +92,19 @@ def _fail(message: str) -> None:
 @app.command()
 def demo(
     repo: RepoOpt = None,
-    tiny: Annotated[bool, typer.Option(help="A very small run (seconds), as the tests use")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    tiny: Annotated[
+        bool,
+        typer.Option(help="a very small run, as the tests use: about 40 s on 2 CPU cores "
+                          "(the default size takes about 1.5-2 minutes)"),
+    ] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="no progress bars (for logs and CI)")
+    ] = False,
 ) -> None:
     """The main job, end to end on synthetic data: make data, feast apply, train two FM
     versions (small v1, large v2), log both versions' TAEs, train experts pinned to each and a
-    no-FM baseline, evaluate NE on a later window, print a summary table."""
+    no-FM baseline, evaluate NE on a later window, print a summary table. About 1.5-2 minutes
+    on 2 CPU cores; --tiny about 40 s."""
     from api.pipeline import DemoSize, ne_table, run_demo
     from store_bridge.repo import FeatureRepo
 
@@ -90,14 +131,18 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
 ) -> None:
-    """Run the REST service (FastAPI under uvicorn) over the repo's stores."""
+    """Run the REST service (FastAPI under uvicorn) over the repo's stores. Ctrl-C or SIGTERM
+    shut it down gracefully, and stop the embedded Redis if this command started it."""
+    settings = _settings(repo)
+    url = _redis(settings)
     import uvicorn
 
     from api.app import create_app
 
-    settings = _settings(repo)
-    url = _redis(settings)
-    uvicorn.run(create_app(settings, url), host=host, port=port, log_level="info")
+    # No access log: the app logs every request once itself, as a JSON line.
+    uvicorn.run(
+        create_app(settings, url), host=host, port=port, log_level="info", access_log=False
+    )
 
 
 @app.command()
@@ -113,13 +158,51 @@ def apply(repo: RepoOpt = None) -> None:
 
 
 @app.command()
-def redis(repo: RepoOpt = None) -> None:
-    """Keep the embedded Redis running (for `feast` by hand) and print what to export."""
-    from store_bridge.redis_server import FEAST_ENV, feast_connection_string
+def redis(
+    repo: RepoOpt = None,
+    detach: Annotated[
+        bool,
+        typer.Option("--detach", help="start the embedded server in the background unless it "
+                                      "runs, print the exports and return"),
+    ] = False,
+    stop: Annotated[
+        bool,
+        typer.Option("--stop", help="stop the embedded server that --detach started (its "
+                                    "data stays under <repo>/data/redis)"),
+    ] = False,
+) -> None:
+    """Print `export REDIS_URL=...` and `export FOUNDEX_FEAST_REDIS=...` for running `feast`
+    by hand. Plain: starts the embedded Redis and keeps it running until Ctrl-C (or SIGTERM).
+    `eval "$(foundex redis --detach)"` starts it in the background and returns;
+    `foundex redis --stop` stops it. With REDIS_URL set, prints the exports for that server."""
+    from store_bridge.redis_server import (
+        FEAST_ENV,
+        EmbeddedRedisBusy,
+        RedisUnavailable,
+        feast_connection_string,
+        stop_embedded,
+    )
 
+    if detach and stop:
+        raise typer.BadParameter("--detach and --stop exclude each other", param_hint="--stop")
     settings = _settings(repo)
-    url = _redis(settings)
-    typer.echo(f"export REDIS_URL={url}\nexport {FEAST_ENV}={feast_connection_string(url)}")
+    if stop:
+        try:
+            stopped = stop_embedded(settings.repo / "data" / "redis")
+        except (EmbeddedRedisBusy, RedisUnavailable) as e:
+            _fail(str(e))
+        typer.echo(f"stopped embedded redis at {stopped}" if stopped
+                   else f"no embedded redis running for {settings.repo}", err=True)
+        return
+    url, server = _resolve_redis(settings, detach=detach)
+    feast = feast_connection_string(url)
+    typer.echo(f"export REDIS_URL={shlex.quote(url)}\nexport {FEAST_ENV}={shlex.quote(feast)}")
+    if detach:
+        if not settings.redis_url:
+            typer.echo(f"`foundex redis --stop --repo {settings.repo}` stops it.", err=True)
+        return
+    if server is None or not server.started:
+        return  # REDIS_URL, or a server another process runs: nothing of ours to keep
     typer.echo("Ctrl-C stops it.", err=True)
     try:
         while True:
@@ -138,41 +221,71 @@ def _pinned_by(settings: Settings, version: str) -> list[str]:
 
 @fm_app.command("publish")
 def fm_publish(
-    checkpoint: Path,
-    train_start: Annotated[str, typer.Option(help="ISO start of the training window")],
-    train_end: Annotated[str, typer.Option(help="ISO end of the training window")],
+    checkpoint: Annotated[Path, typer.Argument(help="FM checkpoint (.pt) written by training")],
+    train_start: Annotated[
+        str,
+        typer.Option(help="start of the events the FM trained on: ISO 8601, e.g. 2026-01-05 or "
+                          "2026-01-05T00:00:00Z; without an offset it is UTC"),
+    ],
+    train_end: Annotated[
+        str,
+        typer.Option(help="end (exclusive) of those events, ISO 8601 as --train-start; after "
+                          "--train-start, not in the future"),
+    ],
     repo: RepoOpt = None,
-    ttl_days: int = 7,
-    description: str = "",
+    ttl_days: Annotated[
+        int,
+        typer.Option(min=1, max=36500,
+                     help="days a logged embedding stays valid: the TTL of the version's Feast "
+                          "view; a training-set row takes no embedding older than this"),
+    ] = 7,
+    description: Annotated[
+        str,
+        typer.Option(help="free text kept with the version in data/fm_versions.yaml and shown "
+                          "by `foundex fm list`"),
+    ] = "",
+    allow_duplicate: Annotated[
+        bool,
+        typer.Option("--allow-duplicate",
+                     help="publish even if a version already holds this very checkpoint"),
+    ] = False,
 ) -> None:
-    """Publish an FM checkpoint as the next version (its own fm_tae_<v> view) and apply."""
-    from store_bridge.repo import FeatureRepo
+    """Publish an FM checkpoint as the next version (its own fm_tae_<v> view) and apply.
+    Version names are never reused, not even after gc. Refused: a file that is not a foundex
+    checkpoint, a bad or reversed window, a checkpoint that is already a version."""
+    from store_bridge.repo import FeastApplyError, FeatureRepo
     from store_bridge.versions import VersionError, publish
 
     settings = _settings(repo)
     try:
         entry = publish(
-            FeatureRepo(settings.repo), checkpoint, _redis(settings),
+            FeatureRepo(settings.repo), checkpoint, lambda: _redis(settings),
             training_window=(train_start, train_end), ttl_seconds=ttl_days * 86400,
-            description=description,
+            description=description, allow_duplicate=allow_duplicate,
         )
-    except VersionError as e:
+    except (VersionError, FeastApplyError) as e:
         _fail(str(e))
     typer.echo(f"published {entry.version} (dim {entry.dim}, digest {entry.digest[:12]})")
 
 
 @fm_app.command("list")
 def fm_list(repo: RepoOpt = None) -> None:
-    """List FM versions and the experts pinned to each."""
+    """List FM versions and the experts pinned to each; versions deleted by gc last (their
+    names are never reused)."""
     from store_bridge.repo import FeatureRepo
 
     settings = _settings(repo)
     manifest = FeatureRepo(settings.repo).load_manifest()
-    if not manifest.versions:
+    if not manifest.versions and not manifest.deleted:
         typer.echo("no FM versions published")
     for v in manifest.versions.values():
         pins = ", ".join(_pinned_by(settings, v.version)) or "-"
-        typer.echo(f"{v.version}\t{v.status}\tdim={v.dim}\tdigest={v.digest[:12]}\tpinned by: {pins}")
+        about = f"\t{v.description}" if v.description else ""
+        typer.echo(
+            f"{v.version}\t{v.status}\tdim={v.dim}\tdigest={v.digest[:12]}\tpinned by: {pins}{about}"
+        )
+    for d in manifest.deleted.values():
+        typer.echo(f"{d.version}\tdeleted\tdim={d.dim}\tdigest={d.digest[:12]}\tgc at {d.deleted_at}")
 
 
 @fm_app.command("retire")
@@ -182,16 +295,18 @@ def fm_retire(
     force: Annotated[bool, typer.Option(help="Retire even if experts pin it")] = False,
 ) -> None:
     """Mark a version retired (refused while an expert pins it, unless --force)."""
-    from store_bridge.repo import FeatureRepo
-    from store_bridge.versions import VersionError, retire
+    from store_bridge.repo import FeastApplyError, FeatureRepo
+    from store_bridge.versions import VersionError, get_version, retire
 
     settings = _settings(repo)
+    fr = FeatureRepo(settings.repo)
     try:
+        get_version(fr, version)  # before reading expert configs or starting Redis
         retire(
-            FeatureRepo(settings.repo), version, _redis(settings),
+            fr, version, lambda: _redis(settings),
             pinned_by=_pinned_by(settings, version), force=force,
         )
-    except VersionError as e:
+    except (VersionError, FeastApplyError) as e:
         _fail(str(e))
     typer.echo(f"retired {version}")
 
@@ -242,50 +357,117 @@ def log_cmd(
 @app.command("training-set")
 def training_set(
     expert: Annotated[str, typer.Option(help="expert name (its config pins the FM version)")],
-    entities: Annotated[Path, typer.Option(help="parquet of label rows: user_id, item_id, event_timestamp, labels")],
-    out: Annotated[Path, typer.Option(help="output parquet")],
+    entities: Annotated[
+        Path,
+        typer.Option(help="parquet of label rows: user_id, item_id (integers), event_timestamp "
+                          "(a timestamp; without a time zone it is UTC; ISO 8601 text works, "
+                          "epoch numbers do not) and one numeric column per expert task"),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="output file; its extension picks the format: .parquet, or .csv "
+                          "(embeddings as JSON arrays, empty where none)"),
+    ],
     repo: RepoOpt = None,
 ) -> None:
     """Point-in-time-correct training set for an expert: label rows joined with the pinned
-    version's TAEs (latest at or before each row, within TTL) and the item features."""
-    import pandas as pd
+    version's TAEs (latest at or before each row, within TTL) and the item features.
 
-    from experts import load_expert_configs
-    from store_bridge.repo import FeatureRepo
-    from store_bridge.training_set import expert_training_set
-
+    Times are UTC: a timestamp without a time zone (or ISO 8601 text without an offset) is
+    taken as UTC; epoch numbers are refused (their unit is ambiguous); 1970-01-01 to 2262-04-10.
+    An expert pinned to a retired or deleted version is refused."""
     settings = _settings(repo)
+    if not entities.is_file():
+        _fail(f"entities file not found: {entities}" if not entities.exists()
+              else f"--entities {entities} is not a file")
+    fmt = out.suffix.lower()
+    if fmt not in (".parquet", ".csv"):
+        _fail(f"--out {out} must end in .parquet or .csv (the extension picks the format)")
+    if out.is_dir():
+        _fail(f"--out {out} is a folder")
+    if not out.parent.is_dir():
+        _fail(f"--out folder does not exist: {out.parent}")
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from experts import ExpertConfigError, load_expert_configs
+    from store_bridge.events.schema import EVENT_TIMESTAMP
+    from store_bridge.repo import FeatureRepo
+    from store_bridge.training_set import (
+        check_label_columns,
+        expert_training_set,
+        label_timestamps,
+    )
+
     fr = FeatureRepo(settings.repo)
-    configs = {c.name: c for c in load_expert_configs(fr.experts_dir)}
+    try:
+        configs = {c.name: c for c in load_expert_configs(fr.experts_dir)}
+    except ExpertConfigError as e:
+        _fail(str(e))
     if expert not in configs:
         _fail(f"unknown expert {expert!r} (known: {', '.join(sorted(configs)) or 'none'})")
     cfg = configs[expert]
     manifest = fr.load_manifest()
-    entry = manifest.versions.get(cfg.fm_version) if cfg.fm_version else None
-    if cfg.fm_version and entry is None:
-        _fail(f"expert {expert} pins unknown FM version {cfg.fm_version}")
+    entry = None
+    if cfg.fm_version:
+        try:
+            manifest.check_pin(cfg.fm_version)  # a retired version's TAEs are not logged on
+        except ValueError as e:
+            _fail(f"expert {expert} {e}; re-pin it to an active version")
+        entry = manifest.versions[cfg.fm_version]
+    if cfg.item_features and not (fr.data / "items.parquet").is_file():
+        _fail(f"item features not found: {fr.data / 'items.parquet'} (expert {expert} reads "
+              f"{', '.join(cfg.item_features)})")
     try:
-        frame = expert_training_set(fr, pd.read_parquet(entities), entry, cfg.item_features)
+        labels = pd.read_parquet(entities)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        _fail(f"{entities}: not a readable parquet file ({type(e).__name__})")
+    try:
+        check_label_columns(labels, cfg.tasks)
+        labels[EVENT_TIMESTAMP], note = label_timestamps(labels[EVENT_TIMESTAMP])
+        if note:
+            typer.echo(f"note: {note}", err=True)
+        frame = expert_training_set(fr, labels, entry, cfg.item_features)
     except ValueError as e:
         _fail(f"{entities}: {e}")
-    frame.to_parquet(out, index=False)
+    _write_table(frame, out, fmt)
     n_missing = int(frame["embedding"].isna().sum()) if "embedding" in frame else 0
     typer.echo(f"wrote {len(frame):,} rows to {out} ({n_missing:,} without an embedding)")
 
 
+def _write_table(frame: pd.DataFrame, out: Path, fmt: str) -> None:
+    """Write atomically (a temporary file, then a rename): a failed run leaves no half file
+    and an earlier output intact."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        if fmt == ".csv":
+            csv = frame.copy()
+            if "embedding" in csv:
+                csv["embedding"] = [
+                    "" if e is None else json.dumps(e.tolist()) for e in csv["embedding"]
+                ]
+            csv.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @fm_app.command("gc")
 def fm_gc(version: str, repo: RepoOpt = None) -> None:
-    """Delete a RETIRED version for good: its online rows, offline files, checkpoint and
-    manifest entry, then `feast apply` removes its view (refused for an active version)."""
+    """Delete a RETIRED version for good: its online rows, offline files, checkpoint and view
+    (`feast apply`); refused for an active version. The manifest keeps a tombstone, so the
+    name is never given to another model."""
     from store_bridge.repo import FeastApplyError, FeatureRepo
-    from store_bridge.versions import VersionError, gc
+    from store_bridge.versions import VersionError, gc, get_version
 
     settings = _settings(repo)
+    fr = FeatureRepo(settings.repo)
     try:
-        rep = gc(
-            FeatureRepo(settings.repo), version, _redis(settings),
-            pinned_by=_pinned_by(settings, version),
-        )
+        get_version(fr, version)  # before reading expert configs or starting Redis
+        rep = gc(fr, version, lambda: _redis(settings), pinned_by=_pinned_by(settings, version))
     except (VersionError, FeastApplyError) as e:
         _fail(str(e))
     typer.echo(

@@ -50,8 +50,24 @@ class FMVersion(BaseModel):
         return repo.data / (self.serving_artifact or self.checkpoint)
 
 
+class DeletedVersion(BaseModel):
+    """A tombstone: what a garbage-collected version was. Its name is never given to another
+    model; its data (rows, files, checkpoint, view) is gone."""
+
+    version: str = Field(pattern=VERSION_RE.pattern)
+    dim: int
+    digest: str
+    training_window: tuple[str, str]
+    created_at: str
+    deleted_at: str
+    description: str = ""
+
+
 class Manifest(BaseModel):
     versions: dict[str, FMVersion] = {}
+    # Garbage-collected versions, kept apart from `versions` so that nothing that lists,
+    # serves or registers versions ever sees them, while their names stay taken.
+    deleted: dict[str, DeletedVersion] = {}
 
     def active(self) -> list[FMVersion]:
         return [v for v in self.versions.values() if v.status == "active"]
@@ -59,6 +75,12 @@ class Manifest(BaseModel):
     def check_pin(self, fm_version: str, expected_dim: int | None = None) -> None:
         """Raise ValueError unless `fm_version` is published, active and `expected_dim`-d."""
         if fm_version not in self.versions:
+            if fm_version in self.deleted:
+                active = ", ".join(v.version for v in self.active()) or "none"
+                raise ValueError(
+                    f"pins FM version {fm_version!r}, which was deleted by gc on "
+                    f"{self.deleted[fm_version].deleted_at} (active: {active})"
+                )
             known = ", ".join(sorted(self.versions)) or "none"
             raise ValueError(f"pins unknown FM version {fm_version!r} (published: {known})")
         entry = self.versions[fm_version]
@@ -74,7 +96,9 @@ class Manifest(BaseModel):
             )
 
     def next_version(self) -> str:
-        nums = [int(v[1:]) for v in self.versions]
+        """One past the highest name ever used, deleted versions included: a name, once
+        given, never names another model."""
+        nums = [int(v[1:]) for v in [*self.versions, *self.deleted]]
         return f"v{max(nums, default=0) + 1}"
 
 
@@ -125,7 +149,10 @@ class FeatureRepo:
     def save_manifest(self, manifest: Manifest) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         tmp = self.manifest_path.with_suffix(".yaml.tmp")
-        tmp.write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=True))
+        data = manifest.model_dump(mode="json")
+        if not data["deleted"]:
+            del data["deleted"]  # manifests without gc'd versions keep their old shape
+        tmp.write_text(yaml.safe_dump(data, sort_keys=True))
         os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
 
 

@@ -14,6 +14,7 @@ DuckDB-backed `get_historical_features` gives the same rows; `foundex bench stor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,132 @@ from store_bridge.events.schema import (
     timestamps_us,
 )
 from store_bridge.repo import FeatureRepo, FMVersion
+
+# Label times foundex accepts: from the epoch to where nanosecond timestamps end (Feast's
+# get_historical_features and pandas work in nanoseconds), so an accepted row joins anywhere.
+EARLIEST_US = 0
+LATEST_US = int(pd.Timestamp("2262-04-11", tz="UTC").value // 1000)
+# A UTC offset after the time of day (a date's "-05" is not one).
+_OFFSET = r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?\s*(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
+
+
+def label_timestamps(ts: pd.Series) -> tuple[pd.Series, str | None]:
+    """Validate a label-row time column -> (datetime64[us, UTC] series, note or None).
+
+    Accepted: timestamps with a time zone (converted to UTC); timestamps without one, and
+    ISO 8601 strings without an offset, taken as UTC (the note says so). Raises ValueError
+    (one line, naming the row) for numbers (an epoch's unit is ambiguous), other text,
+    missing values, and times before 1970-01-01 or from 2262-04-11 on.
+    """
+    note = None
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):
+        out = as_microseconds(ts)
+    elif pd.api.types.is_datetime64_dtype(ts.dtype):
+        out = as_microseconds(ts)
+        note = f"{EVENT_TIMESTAMP} has no time zone; its times are taken as UTC"
+    elif pd.api.types.is_numeric_dtype(ts.dtype) or pd.api.types.is_bool_dtype(ts.dtype):
+        raise ValueError(
+            f"{EVENT_TIMESTAMP} holds numbers ({ts.dtype}), not timestamps; epoch numbers are "
+            "refused because their unit is ambiguous: convert them, e.g. "
+            "pd.to_datetime(col, unit='s', utc=True)"
+        )
+    else:
+        out, note = _parse_text_times(ts)
+    missing = out.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{EVENT_TIMESTAMP} is missing on {int(missing.sum()):,} of {len(missing):,} rows "
+            f"(first: row {int(np.argmax(missing))})"
+        )
+    us = out.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").view(np.int64)
+    bad = (us < EARLIEST_US) | (us >= LATEST_US)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{EVENT_TIMESTAMP} {out.iloc[i].isoformat()} (row {i}) is outside the supported "
+            f"range 1970-01-01 .. 2262-04-10 UTC ({int(bad.sum()):,} of {len(us):,} rows)"
+        )
+    return out, note
+
+
+def _parse_text_times(ts: pd.Series) -> tuple[pd.Series, str | None]:
+    text = ts.astype("string").str.strip()
+    numeric = text.str.fullmatch(r"[+-]?\d+(\.\d*)?").fillna(False).to_numpy(bool)
+    if numeric.any():
+        i = int(np.argmax(numeric))
+        raise ValueError(
+            f"{EVENT_TIMESTAMP} value {ts.iloc[i]!r} (row {i}) is a number; epoch numbers are "
+            "refused because their unit is ambiguous: give ISO 8601 times or timestamps"
+        )
+    # Times with and without an offset are parsed apart: in one call pandas applies the
+    # offset of an earlier string to the offset-less ones after it.
+    has_offset = text.str.contains(_OFFSET, regex=True).fillna(False).to_numpy(bool)
+    values = np.full(len(ts), np.datetime64("NaT"), dtype="datetime64[us]")
+    for mask in (has_offset, ~has_offset):
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            parsed = _parse_iso(text.iloc[rows], rows, ts)
+            values[rows] = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
+    out = pd.Series(values, index=ts.index).dt.tz_localize("UTC")
+    naive = int((~has_offset & text.notna().to_numpy(bool)).sum())
+    note = (
+        f"{EVENT_TIMESTAMP}: {naive:,} of {len(text):,} times have no offset; taken as UTC"
+        if naive else None
+    )
+    return out, note
+
+
+def _parse_iso(text: pd.Series, rows: np.ndarray, original: pd.Series) -> pd.Series:
+    """ISO 8601 strings -> datetime64[us, UTC]; errors name the row in `original`."""
+    try:
+        return pd.to_datetime(text, utc=True, format="ISO8601").astype("datetime64[us, UTC]")
+    except (ValueError, TypeError, OverflowError) as e:
+        m = re.search(r"at position (\d+)", str(e))
+        row = int(rows[int(m.group(1))]) if m else None
+        where = f" (row {row}: {original.iloc[row]!r})" if row is not None else ""
+        if isinstance(e, pd.errors.OutOfBoundsDatetime):
+            raise ValueError(
+                f"{EVENT_TIMESTAMP} holds a time outside the supported range 1970-01-01 .. "
+                f"2262-04-10 UTC{where}"
+            ) from None
+        raise ValueError(
+            f"{EVENT_TIMESTAMP} holds text that is not an ISO 8601 time{where}; "
+            "use e.g. 2026-01-05T10:00:00Z or a timestamp column"
+        ) from None
+
+
+def _key_column(labels: pd.DataFrame, col: str) -> np.ndarray:
+    """An id column as int64; ValueError unless every value is a whole number."""
+    values = labels[col]
+    if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
+        if values.isna().any():  # nullable Int64
+            raise ValueError(f"{col} is missing on {int(values.isna().sum()):,} rows")
+        return values.to_numpy(np.int64)
+    if pd.api.types.is_float_dtype(values.dtype):
+        arr = values.to_numpy(np.float64)
+        whole = np.isfinite(arr) & (arr == np.round(arr))
+        if whole.all():
+            return arr.astype(np.int64)
+        i = int(np.argmax(~whole))
+        raise ValueError(f"{col} must hold whole numbers, got {float(arr[i])!r} (row {i})")
+    raise ValueError(f"{col} must hold integer ids, got {values.dtype}")
+
+
+def check_label_columns(labels: pd.DataFrame, tasks: list[str]) -> None:
+    """Raise ValueError (one line) unless `labels` has the key columns and a numeric label
+    column for every one of `tasks` (NaN where a task does not apply)."""
+    missing = [c for c in ("user_id", "item_id", EVENT_TIMESTAMP) if c not in labels.columns]
+    if missing:
+        raise ValueError(f"label rows lack columns {missing} (have: {list(labels.columns)})")
+    absent = [t for t in tasks if t not in labels.columns]
+    if absent:
+        raise ValueError(
+            f"label rows lack label columns {absent} for the expert's tasks {tasks} "
+            f"(have: {list(labels.columns)})"
+        )
+    text = [t for t in tasks if not pd.api.types.is_numeric_dtype(labels[t].dtype)]
+    if text:
+        raise ValueError(f"label columns {text} must be numeric (0/1, NaN where not applicable)")
 
 
 def _offline_files(glob: Path) -> list[Path]:
@@ -121,7 +248,9 @@ def point_in_time_join(
 ) -> pd.DataFrame:
     """Join label rows with TAEs (as `embedding`) and item features, point in time.
 
-    `labels` needs user_id, item_id, event_timestamp; other columns pass through. Output rows are
+    `labels` needs user_id, item_id (whole numbers), event_timestamp (see `label_timestamps`:
+    ValueError for numbers, missing values, times outside 1970..2262); other columns pass
+    through. Output rows are
     in the input order; `embedding` is a float32 array (read-only, shared by rows that matched the
     same offline row), or None where no embedding is in range.
     """
@@ -129,9 +258,9 @@ def point_in_time_join(
         if col not in labels.columns:
             raise ValueError(f"label rows lack column {col!r}")
     out = labels.reset_index(drop=True)
-    out[EVENT_TIMESTAMP] = as_microseconds(out[EVENT_TIMESTAMP])
-    users = out["user_id"].to_numpy(np.int64)
-    items = out["item_id"].to_numpy(np.int64)
+    out[EVENT_TIMESTAMP], _ = label_timestamps(out[EVENT_TIMESTAMP])
+    users = _key_column(out, "user_id")
+    items = _key_column(out, "item_id")
     ts = timestamps_us(out[EVENT_TIMESTAMP])
     if items_path is not None and item_features:
         table = pq.read_table(items_path, columns=["item_id", EVENT_TIMESTAMP, *item_features])

@@ -1,5 +1,7 @@
 """FM version lifecycle on a real Redis: gc removes a retired version's rows, files, checkpoint
-and view, keeps every other version's rows in the same hashes, and refuses active versions."""
+and view, keeps every other version's rows in the same hashes, and refuses active versions; a
+version name, once used, never names another model; the same checkpoint is not published twice
+unless asked."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from store_bridge.logging_tier import tae_table
 from store_bridge.online import RedisEmbeddingStore
 from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
 from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply
-from store_bridge.versions import VersionError, gc, retire
+from store_bridge.versions import VersionError, gc, publish, retire
 
 ROOT = Path(__file__).resolve().parent.parent
 T0 = 1_767_571_200_000_000
@@ -96,6 +98,7 @@ def test_gc_removes_a_retired_version_and_keeps_the_others(feature_repo, redis_u
     assert not (repo.checkpoints_dir / "v1.pt").exists()
     assert (repo.checkpoints_dir / "v2.pt").exists()
     assert set(repo.load_manifest().versions) == {"v2"}
+    assert repo.load_manifest().deleted["v1"].digest == "digest-v1"  # the tombstone
     # The view is gone from the registry; Feast still reads v2 from the shared hashes.
     os.environ[FEAST_ENV] = feast_connection_string(redis_url)
     fs = FeatureStore(repo_path=str(repo.path))
@@ -159,3 +162,68 @@ def test_validate_pin():
         manifest.check_pin("v1")
     with pytest.raises(ValueError, match="expects 32-d embeddings but FM version 'v2' is 64-d"):
         manifest.check_pin("v2", expected_dim=32)
+
+
+def _checkpoint(path: Path, seed: int) -> Path:
+    import torch
+
+    from fm import FMConfig, FoundationModel, save_checkpoint
+    from fm.testing import toy_config_kwargs
+
+    torch.manual_seed(seed)
+    cfg = FMConfig.small(**toy_config_kwargs(40), max_history=12, content_dim=3)
+    return save_checkpoint(FoundationModel(cfg, torch.randn(40, 3)), path)
+
+
+def test_a_version_name_is_never_reused(feature_repo, redis_url, tmp_path):
+    """publish A (v1); A again is refused naming v1, then allowed as v2; retire and gc v2;
+    publishing B gives v3, never a second v2."""
+    from feast import FeatureStore
+
+    yaml_path = feature_repo / "feature_store.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace("project: foundex", "project: names_t"))
+    repo = FeatureRepo(feature_repo)
+    a, b = _checkpoint(tmp_path / "a.pt", 0), _checkpoint(tmp_path / "b.pt", 1)
+    window = ("2026-01-01", "2026-01-08T00:00:00+01:00")
+    v1 = publish(repo, a, redis_url, training_window=window, allow_duplicate=False)
+    assert v1.version == "v1"
+    assert v1.training_window == ("2026-01-01T00:00:00+00:00", "2026-01-07T23:00:00+00:00")
+
+    env = dict(os.environ, REDIS_URL=redis_url)
+    cmd = [sys.executable, "-m", "api.cli", "fm", "publish", str(a), "--train-start", window[0],
+           "--train-end", window[1], "--repo", str(repo.path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"error: {a} is already published as v1 (active, digest {v1.digest[:12]}); allow "
+        'duplicates (CLI --allow-duplicate, REST "allow_duplicate": true) to publish it again '
+        "under a new version"
+    )
+    assert set(repo.load_manifest().versions) == {"v1"}
+    out = subprocess.run([*cmd, "--allow-duplicate"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"published v2 (dim {v1.dim}, digest {v1.digest[:12]})"
+
+    retire(repo, "v2", redis_url, pinned_by=[])
+    gc(repo, "v2", redis_url, pinned_by=[])
+    manifest = repo.load_manifest()
+    assert set(manifest.versions) == {"v1"} and set(manifest.deleted) == {"v2"}
+    assert manifest.deleted["v2"].digest == v1.digest
+    with pytest.raises(VersionError, match=r"^FM version v2 was deleted by gc on \d{4}-"):
+        retire(repo, "v2", redis_url, pinned_by=[])
+
+    v3 = publish(repo, b, redis_url, training_window=window)
+    assert v3.version == "v3" and v3.digest != v1.digest
+    assert set(repo.load_manifest().versions) == {"v1", "v3"}
+    assert not (repo.checkpoints_dir / "v2.pt").exists()
+    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    names = {v.name for v in FeatureStore(repo_path=str(repo.path)).list_feature_views()}
+    assert {n for n in names if n.startswith("fm_tae_")} == {"fm_tae_v1", "fm_tae_v3"}
+    listed = subprocess.run(
+        [sys.executable, "-m", "api.cli", "fm", "list", "--repo", str(repo.path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    ).stdout.splitlines()
+    assert [line.split("\t")[:2] for line in listed] == [
+        ["v1", "active"], ["v3", "active"], ["v2", "deleted"]
+    ]
