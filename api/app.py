@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -13,17 +14,26 @@ from typing import Annotated, Literal
 import numpy as np
 import pandas as pd
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.observability import Metrics, ObservabilityMiddleware, configure_logging, log
+from api.observability import (
+    Metrics,
+    ObservabilityMiddleware,
+    configure_logging,
+    log,
+    silence_uvicorn_access_log,
+)
 from api.security import BodySizeLimit, require_admin, require_read
 from api.settings import Settings
 from api.state import Conflict, NotFound, ServingState, as_int_array
 from experts import predict
-from store_bridge.online import StoreUnavailable
+from store_bridge.online import EmbeddingRows, StoreUnavailable
 from store_bridge.repo import FMVersion, view_name
 
 try:  # optional speed-up: orjson writes float32 rows straight from NumPy
@@ -34,19 +44,42 @@ except ImportError:  # pragma: no cover - depends on the environment
 MAX_ITEM_IDS = 2000  # hard ceiling of the schema; settings.max_candidates may lower it
 OCTET = "application/octet-stream"
 DTYPES = {"f32": "<f4", "f16": "<f2"}
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: beyond it a value would become inf in f16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
-# Entity ids are int64 in the store.
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Entity ids are int64 in the store. Request bodies are validated strictly: an id is a JSON
+# integer in int64's range, never a string ("3"), a float (3.0, 1e3, NaN, Infinity) or a
+# boolean. Negative ids are valid keys (the store and the event schema allow them); they are
+# simply never in an FM's vocabulary or history.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+# Strict types, and an unknown field is an error rather than silently ignored (a misspelt
+# "fromat" or "surfce" would otherwise change the answer without a word).
+STRICT = ConfigDict(strict=True, extra="forbid")
+# Names (versions, experts, surfaces) are short; a bound keeps a 404 that names an unknown one
+# from echoing a huge input back.
+MAX_NAME = 128
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+PathName = Annotated[str, PathParam(min_length=1, max_length=MAX_NAME)]
+MAX_ERRORS_SHOWN = 5  # a 422 names this many problems, then counts the rest
 
 
 class ErrorBody(BaseModel):
     detail: str
 
 
-ERRORS = {
-    401: {"model": ErrorBody, "description": "Missing or invalid bearer token"},
-    413: {"model": ErrorBody, "description": "Request body too large"},
-    503: {"model": ErrorBody, "description": "Online store unavailable"},
+def _error(description: str) -> dict:
+    return {"model": ErrorBody, "description": description}
+
+
+E401 = {401: _error("Missing or invalid bearer token (FOUNDEX_READ_TOKEN / FOUNDEX_ADMIN_TOKEN)")}
+E413 = {413: _error("Request body too large (FOUNDEX_MAX_BODY_BYTES)")}
+E422 = {422: _error("Invalid input: the detail names the field (and index)")}
+E503 = {503: _error("Online store unavailable (down, unreachable or timed out)")}
+LOOKUP_ERRORS = {
+    404: _error("Unknown FM version or expert"),
+    409: _error("The repo's files disagree: an expert pins a version the manifest does not "
+                "hold, or was trained on another width than the version it pins"),
+    **E413, **E422, **E503,
 }
 
 
@@ -80,11 +113,16 @@ class VersionList(BaseModel):
 
 
 class PublishRequest(BaseModel):
+    model_config = STRICT
+
     checkpoint: str = Field(min_length=1, description="path of an FM checkpoint on the server")
     train_start: str = Field(min_length=1, description="ISO start of the training window")
     train_end: str = Field(min_length=1, description="ISO end of the training window")
     ttl_days: int = Field(default=7, gt=0, le=3650)
     description: str = Field(default="", max_length=500)
+    allow_duplicate: bool = Field(
+        default=False, description="publish a checkpoint that is already a version again"
+    )
 
 
 class ExpertInfo(BaseModel):
@@ -100,16 +138,18 @@ class ExpertList(BaseModel):
 
 
 class LookupRequest(BaseModel):
+    model_config = STRICT
+
     user_id: Int64
     item_ids: list[Int64] = Field(min_length=1, max_length=MAX_ITEM_IDS)
-    fm_version: str | None = None
-    expert: str | None = None
+    fm_version: Name | None = None
+    expert: Name | None = None
     format: Literal["json", "f32", "f16"] | None = Field(
         default=None,
         description="json (default), or a raw little-endian float32/float16 matrix [n, dim] "
         "(also chosen by `Accept: application/octet-stream`, as f32)",
     )
-    surface: str | None = Field(
+    surface: Name | None = Field(
         default=None,
         description="Surface of the request, used when missing TAEs are computed on the fly "
         "(default: the expert's surface, else the FM's first)",
@@ -133,6 +173,8 @@ class LookupResponse(BaseModel):
 
 
 class ScoreRequest(BaseModel):
+    model_config = STRICT
+
     user_id: Int64
     item_ids: list[Int64] = Field(min_length=1, max_length=MAX_ITEM_IDS)
 
@@ -187,6 +229,98 @@ def _check_size(state: ServingState, item_ids: list[int]) -> None:
         )
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words: the value itself is never quoted back (it may be huge,
+    and NaN or Infinity cannot even be written in a JSON answer)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float" if math.isfinite(value) else "a non-finite number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a value of another type"
+
+
+_SOURCES = {"body", "query", "path", "header", "cookie"}
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic error location as a field path: ("body", "item_ids", 3) -> "item_ids[3]"."""
+    parts = list(loc)
+    source = parts.pop(0) if parts and parts[0] in _SOURCES else None
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + _short(str(part))
+    if source in (None, "body"):
+        return out or "body"
+    return f"{source} parameter {out}"
+
+
+def _problem(err: dict) -> str:
+    kind, msg = err.get("type", ""), str(err.get("msg", "invalid"))
+    if kind == "json_invalid":
+        pos = err["loc"][-1] if err.get("loc") else "?"
+        reason = (err.get("ctx") or {}).get("error", "")
+        return f"body: not valid JSON (at character {pos}: {reason})"
+    where = _where(tuple(err.get("loc", ())))
+    if kind == "missing":
+        return f"{where}: required"
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "must be a JSON object"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if kind.endswith("_type") and "input" in err:
+        msg = f"{msg}, got {_kind(err['input'])}"
+    return f"{where}: {_short(msg, 200)}"
+
+
+def validation_detail(errors: list[dict]) -> str:
+    """One line naming each invalid field (at most MAX_ERRORS_SHOWN, then a count), never
+    echoing the input."""
+    problems = [_problem(e) for e in errors] or ["invalid request"]
+    shown = "; ".join(problems[:MAX_ERRORS_SHOWN])
+    if len(problems) > MAX_ERRORS_SHOWN:
+        shown += f" (and {len(problems) - MAX_ERRORS_SHOWN} more)"
+    return shown
+
+
+def _integer_bounds(node: object) -> None:
+    """Print integer bounds in the OpenAPI document as integers, in place.
+
+    FastAPI's OpenAPI models hold `minimum`/`maximum` as floats, so int64's 2**63 - 1 would
+    print as 9.223372036854776e+18 (which is 2**63, one past the bound). Every integer bound
+    here is either exact in a float (below 2**53) or int64's own limit, so rounding back and
+    clamping to int64 restores the exact value."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                v = node.get(key)
+                if isinstance(v, float) and v.is_integer():
+                    node[key] = min(max(int(v), INT64_MIN), INT64_MAX)
+        for v in node.values():
+            _integer_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _integer_bounds(v)
+
+
 def _wants_binary(req: LookupRequest, accept: str) -> str | None:
     """The binary dtype to answer with, or None for JSON."""
     if req.format in DTYPES:
@@ -207,13 +341,31 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         # it out of the collector's sight so full collections stay short under traffic.
         gc.collect()
         gc.freeze()
+        silence_uvicorn_access_log()  # the middleware logs each request once, with its id
         yield
         app.state.serving.client.close()
+        # Frozen objects are never collected, not even at interpreter exit, where nanobind
+        # modules (triton's, DuckDB's) then report them as "leaked": thaw them on shutdown.
+        gc.unfreeze()
 
     app = FastAPI(title="foundex", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every reply
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(list(exc.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI could not even parse the body (not UTF-8, an integer of thousands of
+            # digits): invalid input like any other, so 422 with the parser's reason.
+            reason = _short(str(exc.__cause__).splitlines()[0] if str(exc.__cause__) else "", 120)
+            return JSONResponse({"detail": f"body: not valid JSON ({reason})"}, status_code=422)
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
@@ -243,7 +395,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    read = APIRouter(prefix="/v1", dependencies=[Depends(require_read)], responses=ERRORS)
+    read = APIRouter(prefix="/v1", dependencies=[Depends(require_read)],
+                     responses={**E401, **E413})
 
     @read.get("/fm-versions", response_model=VersionList)
     def fm_versions(state: State) -> VersionList:
@@ -272,8 +425,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
                 "content": {OCTET: {"schema": {"type": "string", "format": "binary"}}},
                 "description": "JSON by default; with `Accept: application/octet-stream` or "
                 "`format: f32|f16` the raw little-endian matrix [n, dim], missing rows "
-                "zero-filled, with headers X-FM-Version, X-Dim, X-Dtype, X-Missing, X-Computed",
-            }
+                "zero-filled, with headers X-FM-Version, X-Dim, X-Dtype, X-Missing, X-Computed. "
+                "No format carries NaN or Inf: a row that holds one is missing (or computed "
+                "again by read-through), and in f16 a row with a value beyond +-65504 is "
+                "missing too",
+            },
+            **LOOKUP_ERRORS,
         },
     )
     def lookup(req: LookupRequest, request: Request, state: State, m: AppMetrics) -> Response:
@@ -283,22 +440,19 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             cfg = state.expert(req.expert)
             if cfg.fm_version is None:
                 raise HTTPException(422, f"expert {cfg.name!r} uses no FM embeddings")
-            name = cfg.fm_version
+            version = _pinned_version(state, cfg)
             surface = surface or cfg.surface
         else:
-            name = req.fm_version  # type: ignore[assignment]
-        version = state.version(name)
+            version = state.version(req.fm_version)  # type: ignore[arg-type]
         items = as_int_array(req.item_ids)
-        rows = state.store.read(version.version, version.dim, req.user_id, items)
-        matrix, missing, computed = rows.matrix, rows.missing, []
-        if missing and state.settings.read_through and version.status == "active":
-            matrix, missing, computed = _read_through(
-                state, m, version, req.user_id, items, matrix, missing, surface
-            )
-        m.rows(len(items) - len(missing) - len(computed), len(computed), len(missing))
         dtype = _wants_binary(req, request.headers.get("accept", ""))
+        matrix, missing, computed = _embeddings(
+            state, m, version, req.user_id, items, surface,
+            limit=F16_MAX if dtype == "f16" else math.inf,
+        )
         if dtype is not None:
-            out = np.nan_to_num(matrix, nan=0.0).astype(DTYPES[dtype], copy=False)
+            out = np.array(matrix, dtype=DTYPES[dtype])
+            out[missing] = 0  # missing rows zero-filled, never NaN
             return Response(
                 out.tobytes(),
                 media_type=OCTET,
@@ -316,24 +470,33 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             media_type="application/json",
         )
 
-    @read.post("/experts/{name}/score", response_model=ScoreResponse)
-    async def score(name: str, req: ScoreRequest, state: State, m: AppMetrics) -> ScoreResponse:
+    @read.post("/experts/{name}/score", response_model=ScoreResponse, responses=LOOKUP_ERRORS)
+    async def score(name: PathName, req: ScoreRequest, state: State, m: AppMetrics) -> ScoreResponse:
         _check_size(state, req.item_ids)
         return await run_in_threadpool(_score, state, m, name, req)
 
     admin = APIRouter(
         prefix="/v1/admin",
         dependencies=[Depends(require_admin)],
-        responses={**ERRORS, 403: {"model": ErrorBody, "description": "Admin API disabled"}},
+        responses={
+            **E401,
+            403: _error("Admin API disabled: FOUNDEX_ADMIN_TOKEN is not set"),
+            **E413,
+        },
     )
 
     @admin.post(
         "/fm-versions/{version}/retire",
         response_model=RetireResponse,
-        responses={409: {"model": ErrorBody, "description": "Pinned by experts"}},
+        responses={
+            404: _error("Unknown FM version"),
+            409: _error("Pinned by experts (retry with ?force=true), or not retirable"),
+            **E422,
+            503: _error("feast apply failed"),
+        },
     )
     def retire_version(
-        version: str,
+        version: PathName,
         state: State,
         force: Annotated[bool, Query(description="retire even while experts pin it")] = False,
     ) -> RetireResponse:
@@ -362,19 +525,26 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         "/fm-versions",
         response_model=VersionInfo,
         status_code=201,
-        responses={422: {"model": ErrorBody, "description": "Not a loadable FM checkpoint"}},
+        responses={
+            409: _error("The checkpoint is already published (send allow_duplicate: true)"),
+            422: _error("Invalid input, or not a loadable FM checkpoint"),
+            503: _error("feast apply failed"),
+        },
     )
     def publish_version(req: PublishRequest, state: State) -> VersionInfo:
         """Publish a checkpoint as the next FM version (its own view), as `foundex fm publish`."""
         from store_bridge.repo import FeastApplyError
-        from store_bridge.versions import VersionError, publish
+        from store_bridge.versions import DuplicateCheckpoint, VersionError, publish
 
         try:
             entry = publish(
                 state.repo, Path(req.checkpoint), state.redis_url,
                 training_window=(req.train_start, req.train_end),
                 ttl_seconds=req.ttl_days * 86400, description=req.description,
+                allow_duplicate=req.allow_duplicate,
             )
+        except DuplicateCheckpoint as e:
+            raise HTTPException(409, str(e)) from e
         except (VersionError, ValueError, OSError) as e:
             raise HTTPException(422, f"cannot publish {req.checkpoint}: {e}") from e
         except FeastApplyError as e:
@@ -387,6 +557,15 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     app.include_router(read)
     app.include_router(admin)
+
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _integer_bounds(generate_openapi())  # generated once and cached on the app
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
@@ -409,10 +588,80 @@ def _lookup_json(version: str, dim: int, matrix: np.ndarray, missing: list[int],
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _read_through(state: ServingState, m: Metrics, version, user_id: int, items: np.ndarray,
-                  matrix: np.ndarray, missing: list[int], surface: str | None,
-                  *, surface_from_request: bool = True):
+def _pinned_version(state: ServingState, cfg) -> FMVersion:
+    """The version an expert pins; Conflict (409) when the manifest does not hold it: the
+    caller named a valid expert, it is the repo's files that disagree."""
+    try:
+        return state.version(cfg.fm_version)
+    except NotFound:
+        raise Conflict(
+            f"expert {cfg.name!r} pins FM version {cfg.fm_version!r}, which the manifest does "
+            "not hold: re-pin its config or publish the version"
+        ) from None
+
+
+def _unservable(matrix: np.ndarray, missing: list[int], limit: float) -> list[int]:
+    """Rows outside `missing` that hold a non-finite value or one beyond +-limit, ascending."""
+    if math.isinf(limit):
+        fine = np.isfinite(matrix).all(axis=1)
+    else:  # NaN and Inf fail a finite bound too
+        fine = (np.abs(matrix) <= limit).all(axis=1)
+    fine[missing] = True
+    return np.flatnonzero(~fine).tolist()
+
+
+def _embeddings(state: ServingState, m: Metrics, version: FMVersion, user_id: int,
+                items: np.ndarray, surface: str | None, *, rows: EmbeddingRows | None = None,
+                surface_from_request: bool = True,
+                limit: float = math.inf) -> tuple[np.ndarray, list[int], list[int]]:
+    """One version's TAEs of `items` for a user: ([n, dim] float32, missing, computed).
+
+    Stored rows first (`rows`, when the caller read them already). Rows the store could not
+    decode or that hold NaN/Inf count as missing, so read-through computes them again and its
+    write-back replaces them. Whatever their source, rows holding a non-finite value or one
+    beyond +-limit (float16's range, for an f16 answer) are never served: reported missing.
+    `missing` and `computed` are ascending and disjoint; missing rows are NaN in the matrix.
+    Raises StoreUnavailable, and HTTPException(422) for a requested surface the FM lacks.
+    """
+    if rows is None:
+        rows = state.store.read(version.version, version.dim, user_id, items)
+    matrix, missing = rows.matrix, list(rows.missing)
+    if rows.undecodable:
+        m.unusable.labels("undecodable").inc(len(rows.undecodable))
+    bad = _unservable(matrix, missing, math.inf)  # the store reports these already: a guard
+    if bad:
+        m.unusable.labels("non_finite").inc(len(bad))
+        matrix[bad] = np.nan
+        missing = sorted({*missing, *bad})
+    computed: list[int] = []
+    if missing and state.settings.read_through and version.status == "active":
+        matrix, missing, computed = _read_through(
+            state, m, version, user_id, items, matrix, missing, surface,
+            surface_from_request=surface_from_request,
+        )
+    bad = _unservable(matrix, missing, limit)
+    if bad:
+        n_finite = int(np.isfinite(matrix[bad]).all(axis=1).sum())
+        for reason, n in (("f16_range", n_finite), ("non_finite", len(bad) - n_finite)):
+            if n:
+                m.unusable.labels(reason).inc(n)
+        matrix[bad] = np.nan
+        missing = sorted({*missing, *bad})
+        dropped = set(bad)
+        computed = [i for i in computed if i not in dropped]
+    m.rows(len(items) - len(missing) - len(computed), len(computed), len(missing))
+    return matrix, missing, computed
+
+
+def _read_through(state: ServingState, m: Metrics, version: FMVersion, user_id: int,
+                  items: np.ndarray, matrix: np.ndarray, missing: list[int],
+                  surface: str | None, *, surface_from_request: bool = True):
     """Compute the missing rows with the same FM version, write them back, fill them in.
+
+    Only for users with history in the FM tier's event log: an unknown user's rows stay
+    missing and nothing is written, so requests cannot fill the online store with rows for
+    arbitrary ids (counted as foundex_read_through_skipped_total{reason="unknown_user"}).
+    Candidates outside the FM's vocabulary stay missing too (reason="unknown_item").
 
     A surface the FM does not know is the caller's error (422) when the request named it;
     when it is an expert's own surface, the stored rows are served as they are."""
@@ -434,10 +683,17 @@ def _read_through(state: ServingState, m: Metrics, version, user_id: int, items:
     except Exception:  # the FM tier is an optimisation: stored rows are still served
         log.exception("read-through failed", extra={"fields": {"fm_version": version.version}})
         return matrix, missing, []
-    if result is None or len(result[0]) == 0:
+    if result is None:
         return matrix, missing, []
-    pos, tae = result
-    done = holes[pos]
+    if result.unknown_user:
+        m.read_through_skipped.labels("unknown_user").inc(len(holes))
+        return matrix, missing, []
+    if result.unknown_items:
+        m.read_through_skipped.labels("unknown_item").inc(result.unknown_items)
+    if len(result.positions) == 0:
+        return matrix, missing, []
+    tae = result.taes
+    done = holes[result.positions]
     matrix = matrix.copy()
     matrix[done] = tae
     ts = np.full(len(done), int(now.timestamp() * 1_000_000), dtype=np.int64)
@@ -456,12 +712,12 @@ _fetchers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="foundex-fetch"
 
 def _score(state: ServingState, m: Metrics, name: str, req: ScoreRequest) -> ScoreResponse:
     cfg = state.expert(name)
+    version = _pinned_version(state, cfg) if cfg.fm_version is not None else None
     model = state.expert_model(cfg)  # loads from disk on first use: off the event loop
     items = as_int_array(req.item_ids)
     # The pinned version's TAEs and the expert's Feast features are fetched concurrently.
     taes = None
-    if cfg.fm_version is not None:
-        version = state.version(cfg.fm_version)
+    if version is not None:
         taes = _fetchers.submit(state.store.read, version.version, version.dim, req.user_id, items)
     try:
         feats = state.online_features(cfg, req.user_id, req.item_ids)
@@ -478,15 +734,12 @@ def _score(state: ServingState, m: Metrics, name: str, req: ScoreRequest) -> Sco
     missing: list[int] = []
     computed: list[int] = []
     if rows is not None:
-        matrix, missing = rows.matrix, rows.missing
-        # The same read-through as a lookup: the expert scores with the TAE it was trained on
-        # rather than without one.
-        if missing and state.settings.read_through and version.status == "active":
-            matrix, missing, computed = _read_through(
-                state, m, version, req.user_id, items, matrix, missing, cfg.surface,
-                surface_from_request=False,
-            )
-        m.rows(len(items) - len(missing) - len(computed), len(computed), len(missing))
+        # The same rules and read-through as a lookup: the expert scores with the TAE it was
+        # trained on rather than without one.
+        matrix, missing, computed = _embeddings(
+            state, m, version, req.user_id, items, cfg.surface, rows=rows,
+            surface_from_request=False,
+        )
         gone = set(missing)
         frame["embedding"] = [None if i in gone else r for i, r in enumerate(matrix)]
     probs = predict(model, frame)

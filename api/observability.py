@@ -2,7 +2,11 @@
 
 Every app owns its CollectorRegistry, so several apps in one process (tests) never collide.
 The access log line holds method, route template, status, latency and the request id: never
-query strings, headers (tokens) or bodies.
+query strings, headers (tokens) or bodies. It is the only line per request: the app turns
+uvicorn's own access log off (`silence_uvicorn_access_log`).
+
+An exception no handler claimed becomes a JSON 500 `{"detail": "..."}` here, naming the
+request id, with the traceback in the log line only.
 """
 
 from __future__ import annotations
@@ -51,6 +55,21 @@ class Metrics:
             "Share of requested embedding rows found in Redis since start",
             registry=self.registry,
         )
+        self.unusable = Counter(
+            "foundex_unusable_rows_total",
+            "Stored embedding rows not served as they are, by reason: undecodable (not a "
+            "float_list of the view's width, or holding NaN/Inf), non_finite (NaN/Inf caught "
+            "at the REST edge), f16_range (a value beyond float16's range, in an f16 answer)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.read_through_skipped = Counter(
+            "foundex_read_through_skipped_total",
+            "Missing rows read-through did not compute, by reason: unknown_user (no history "
+            "in the event log), unknown_item (outside the FM's item vocabulary)",
+            ["reason"],
+            registry=self.registry,
+        )
         self._hits = 0
         self._requested = 0
 
@@ -95,12 +114,27 @@ class ObservabilityMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send_with_id(message)
+
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            # Nothing claimed it: a JSON 500 (never a bare text page, never the exception's
+            # text, which may quote the request), traceback in the log with the request id.
+            status = 500
+            log.exception("unhandled error", extra={"fields": {"route": _template(scope)}})
+            if started:
+                raise  # a half-sent answer cannot be replaced; the server drops the connection
+            await _send_json(send_with_id, 500, f"internal server error (request id {rid})")
         finally:
             elapsed = time.perf_counter() - t0
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
+            template = _template(scope)
             self.metrics.latency.labels(template, scope["method"], str(status)).observe(elapsed)
             log.info(
                 "request",
@@ -114,6 +148,21 @@ class ObservabilityMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+
+def _template(scope) -> str:
+    return getattr(scope.get("route"), "path", None) or "<unmatched>"
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,14 +180,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class PlainFormatter(logging.Formatter):
+    """One human-readable line: the message, then the record's fields as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"request_id": request_id_var.get(), **getattr(record, "fields", {})}
+        line = " ".join([record.getMessage(), *(f"{k}={v}" for k, v in fields.items())])
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
 def configure_logging(json_logs: bool) -> None:
     """One handler on the "foundex.api" logger (idempotent); JSON lines unless disabled."""
     logger = logging.getLogger("foundex.api")
     if getattr(logger, "_foundex_configured", False):
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter("%(message)s"))
+    handler.setFormatter(JsonFormatter() if json_logs else PlainFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger._foundex_configured = True  # type: ignore[attr-defined]
+
+
+def silence_uvicorn_access_log() -> None:
+    """Turn uvicorn's access log off: the middleware above already writes one line per
+    request, with the request id, so uvicorn's would say it twice.
+
+    uvicorn decides per connection whether to log access by whether "uvicorn.access" has
+    handlers (what `uvicorn.run(..., access_log=False)` arranges), so this must run after
+    uvicorn configured its logging and before it accepts connections: at app startup.
+    """
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False

@@ -112,7 +112,8 @@ def test_bad_input(served, path, body, status, needle):
     client, _, _ = served
     r = client.post(path, json=body)
     assert r.status_code == status, r.text
-    assert needle in str(r.json()["detail"])
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and needle in detail, detail
 
 
 def test_redis_down_gives_503(demo_repo):

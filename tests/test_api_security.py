@@ -178,7 +178,11 @@ def test_publish_via_admin_api_on_a_copy(demo_repo, redis_url, tmp_path):
             r = client.post("/v1/admin/fm-versions", json={**body, "checkpoint": bad},
                             headers=bearer(ADMIN))
             assert r.status_code == 422 and bad in r.json()["detail"], r.text
+        # v1.pt is already v1: refused (409, naming it) unless duplicates are asked for
         r = client.post("/v1/admin/fm-versions", json=body, headers=bearer(ADMIN))
+        assert r.status_code == 409 and "already published as v1" in r.json()["detail"], r.text
+        r = client.post("/v1/admin/fm-versions", json={**body, "allow_duplicate": True},
+                        headers=bearer(ADMIN))
         assert r.status_code == 201, r.text
         assert (r.json()["version"], r.json()["dim"], r.json()["status"]) == ("v3", 32, "active")
         listed = [v["version"] for v in client.get("/v1/fm-versions").json()["versions"]]
