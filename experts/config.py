@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from store_bridge.events.schema import ITEM_FEATURES, DatasetSpec
-from store_bridge.repo import Manifest
+from store_bridge.repo import VERSION_RE, Manifest
+from store_bridge.versions import PinError, VersionRegistry
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -32,7 +33,7 @@ class ExpertConfig(BaseModel):
     surface: str = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
     # Required on purpose: an expert must say whether it pins a version (None = no-FM baseline).
-    fm_version: str | None = Field(pattern=r"^v[1-9][0-9]*$")
+    fm_version: str | None = Field(pattern=VERSION_RE.pattern)
     history_length: int = Field(default=8, ge=1, le=256)
     item_features: list[str] = Field(default_factory=lambda: list(ITEM_FEATURES))
     hidden_dim: int = Field(default=64, ge=1, le=4096)
@@ -157,6 +158,6 @@ def check_against_manifest(
         return
     where = str(source) if source is not None else f"expert {cfg.name!r}"
     try:
-        manifest.check_pin(cfg.fm_version, expected_dim)
-    except ValueError as e:
+        VersionRegistry(manifest=manifest).check_pin(cfg.fm_version, expected_dim)
+    except PinError as e:
         raise ExpertConfigError(f"{where}: fm_version: {e}") from e

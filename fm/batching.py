@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from fm.config import FMConfig
-from fm.history import UserHistories, surface_codes, timestamps_us
-from fm.timefeatures import hour_of_day
+from fm.history import UserHistories, surface_codes
+from fm.timefeatures import hour_of_day, timestamps_us
 
 
 @dataclass
@@ -200,3 +200,33 @@ class Requests:
             self.surface[rows],
             labels=self.labels[rows],
         )
+
+
+def random_batch(
+    config: FMConfig, hist_len: list[int], n_targets: int, seed: int = 0, n_hist: int | None = None
+) -> Batch:
+    """A random request batch straight in tensors (no event log): B = len(hist_len) rows,
+    history padded to n_hist (default: the longest), n_targets candidates per row."""
+    g = torch.Generator().manual_seed(seed)
+    hl = torch.as_tensor(hist_len, dtype=torch.long)
+    B = len(hist_len)
+    N = int(hl.max()) if n_hist is None and B else int(n_hist or 0)
+    valid = torch.arange(N)[None, :] < hl[:, None]
+
+    def ints(hi: int, *shape: int) -> torch.Tensor:
+        return torch.randint(0, hi, shape, generator=g)
+
+    return Batch(
+        hist_item=ints(config.n_items, B, N) * valid,
+        hist_surface=ints(len(config.surfaces), B, N) * valid,
+        hist_hour=ints(config.n_hours, B, N) * valid,
+        hist_action=ints(config.n_actions, B, N) * valid,
+        hist_rank=(hl[:, None] - 1 - torch.arange(N)[None, :]).clamp(min=0) * valid,
+        hist_gap=ints(config.n_time_buckets, B, N) * valid,
+        hist_len=hl,
+        tgt_item=ints(config.n_items, B, n_targets),
+        tgt_surface=ints(len(config.surfaces), B, n_targets),
+        tgt_hour=ints(config.n_hours, B, n_targets),
+        tgt_gap=ints(config.n_time_buckets, B),
+        tgt_mask=torch.ones(B, n_targets, dtype=torch.bool),
+    )

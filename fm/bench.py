@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from fm.batching import Batch
+from fm.batching import Batch, random_batch
 from fm.config import FMConfig
 from fm.model import FoundationModel
-from fm.testing import random_batch
 
 TOL = 1e-4
 

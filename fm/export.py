@@ -8,14 +8,16 @@ training extras (optimizer state, RNG, NE sums). Serving and logging load it wit
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fm.batching import random_batch
 from fm.checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint
-from fm.testing import random_batch
+from fm.model import FoundationModel
 
 _BUFFERS = {"embed.content"}
 
@@ -35,46 +37,99 @@ class ExportReport:
         return asdict(self)
 
 
-def _param_count(path: Path) -> tuple[int, set[str]]:
-    """(parameters in the file's state dict, its keys). Buffers (item content) are data."""
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return sum(v.numel() for k, v in state.items() if k not in _BUFFERS), set(state)
+def _param_count(keys: set[str], state: dict[str, torch.Tensor]) -> int:
+    """Parameters among `keys` of a state dict. Buffers (item content) are data, not counted."""
+    return sum(state[k].numel() for k in keys if k not in _BUFFERS)
 
 
 def export_serving(checkpoint: str | Path, out: str | Path, *, verify: bool = True) -> ExportReport:
-    """Write the serving artifact of `checkpoint` to `out`.
+    """Write the serving artifact of `checkpoint` to `out` (loads and hashes it once).
 
     verify: reload the artifact and check it gives exactly the checkpoint's TAEs on a random
-    request batch.
+    request batch. Raises CheckpointError for a file that is not a loadable checkpoint,
+    ValueError when `out` is the checkpoint itself or a folder, RuntimeError when the artifact
+    does not reproduce the TAEs, OSError when `out` cannot be written (see `write_serving`:
+    nothing is left behind then).
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    if _same_file(checkpoint, out):
+        raise ValueError(f"{out} is the checkpoint being exported; write the artifact elsewhere")
     model, extra = load_checkpoint(checkpoint)
+    report = write_serving(model, extra, out, source_digest=checkpoint_digest(checkpoint),
+                           verify=verify)
+    report.checkpoint = str(checkpoint)
+    report.bytes_checkpoint = checkpoint.stat().st_size
+    return report
+
+
+def write_serving(
+    model: FoundationModel,
+    extra: dict[str, Any],
+    out: str | Path,
+    *,
+    source_digest: str,
+    verify: bool = True,
+) -> ExportReport:
+    """Write the serving artifact of an already loaded checkpoint (`model`, `extra` as
+    `load_checkpoint` returns them; `source_digest` its file's sha256) to `out`.
+
+    The report's `checkpoint` is "" and `bytes_checkpoint` 0: no file was read here
+    (`export_serving` fills them). Raises ValueError when `out` is a folder, RuntimeError
+    when `verify` and the reloaded artifact does not reproduce the model's TAEs on a random
+    request batch, OSError when it cannot be written.
+
+    The artifact is written and verified under a temporary name beside `out`, then renamed:
+    on any failure `out` keeps what it held (if anything) and no temporary file is left.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; give the artifact's file name")
     keep = {k: extra[k] for k in ("step", "n_requests") if k in extra}
-    keep["source_digest"] = checkpoint_digest(checkpoint)
-    save_checkpoint(model, out, keep, serving=True)
+    keep["source_digest"] = source_digest
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_checkpoint(model, tmp, keep, serving=True)
+        if verify:
+            served, _ = load_checkpoint(tmp)
+            cfg = model.config
+            n = min(cfg.max_history, 12)
+            b = random_batch(cfg, [n, max(n // 2, 1), 0], n_targets=3, seed=0)
+            with torch.no_grad():
+                if not torch.equal(served(b), model(b)):
+                    raise RuntimeError(f"serving artifact {out} does not reproduce the TAEs")
+        size, digest = tmp.stat().st_size, checkpoint_digest(tmp)
+        os.replace(tmp, out)
+    finally:
+        # save_checkpoint's own temporary file too, should it fail before its rename
+        for leftover in (tmp, tmp.with_name(tmp.name + ".tmp")):
+            leftover.unlink(missing_ok=True)
 
-    if verify:
-        served, _ = load_checkpoint(out)
-        cfg = model.config
-        n = min(cfg.max_history, 12)
-        b = random_batch(cfg, [n, max(n // 2, 1), 0], n_targets=3, seed=0)
-        with torch.no_grad():
-            if not torch.equal(served(b), model(b)):
-                raise RuntimeError(f"serving artifact {out} does not reproduce the TAEs")
-
-    p_ckpt, keys_ckpt = _param_count(checkpoint)
-    p_srv, keys_srv = _param_count(out)
-    dropped = sorted({k.split(".")[0] for k in keys_ckpt - keys_srv})
+    # The artifact holds exactly the model's state minus the heads (what save_checkpoint
+    # writes with serving=True), so both counts come from the model in memory.
+    state = model.state_dict()
+    keys_srv = {k for k in state if not FoundationModel.is_head_param(k)}
+    dropped = sorted({k.split(".")[0] for k in set(state) - keys_srv})
     return ExportReport(
-        checkpoint=str(checkpoint),
+        checkpoint="",
         artifact=str(out),
-        params_checkpoint=p_ckpt,
-        params_serving=p_srv,
-        bytes_checkpoint=checkpoint.stat().st_size,
-        bytes_serving=out.stat().st_size,
+        params_checkpoint=_param_count(set(state), state),
+        params_serving=_param_count(keys_srv, state),
+        bytes_checkpoint=0,
+        bytes_serving=size,
         dropped=dropped,
-        digest=checkpoint_digest(out),
+        digest=digest,
     )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) the same
+    inode, which also catches hard links."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one missing
+        return False
 
 
 def _size(n: int) -> str:

@@ -11,24 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fm.timefeatures import to_us
+from fm.timefeatures import timestamps_us
 
-
-def timestamps_us(ts: pd.Series) -> np.ndarray:
-    """A timestamp column as int64 microseconds since the epoch (UTC); naive values are UTC.
-
-    Sub-microsecond parts are floored (also before 1970). Works over the whole microsecond
-    range (years far outside pandas' nanosecond range 1677..2262 included).
-    """
-    ts = pd.Series(ts)
-    if isinstance(ts.dtype, pd.DatetimeTZDtype):
-        ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
-    elif ts.dtype.kind != "M":
-        try:
-            ts = pd.to_datetime(ts, utc=True).dt.tz_localize(None)
-        except pd.errors.OutOfBoundsDatetime:  # objects beyond the nanosecond range
-            return np.array([to_us(pd.Timestamp(x)) for x in ts], dtype=np.int64)
-    return ts.astype("datetime64[us]").to_numpy(dtype="datetime64[us]").view(np.int64)
+# timestamps_us lives in fm.timefeatures; re-exported for callers that import it from here.
+__all__ = ["History", "UserHistories", "surface_codes", "timestamps_us"]
 
 
 def surface_codes(surface: np.ndarray, surfaces: list[str]) -> np.ndarray:

@@ -10,9 +10,10 @@ so a token's output depends only on the tokens it may see.
 
 `target_aware_attention` and `cached_target_attention` are the dispatch points: they pick a
 backend by device. The PyTorch reference serves every device without a registered backend;
-the fused Triton kernel (`fm.triton_attention`) registers itself for "cuda" through
-`register_default_backends` when CUDA and triton are available, and is tested against the
-reference (on CPU under TRITON_INTERPRET=1).
+`register_default_backends` imports the fused Triton kernel (`fm.triton_attention`) and
+registers it for "cuda" when CUDA and triton are available (the dispatcher imports the
+backends, never the reverse). The kernel is tested against the reference (on CPU under
+TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -150,5 +151,14 @@ def register_default_backends() -> bool:
         from fm import triton_attention
     except ImportError:  # no triton on this platform: the reference path stays
         return False
-    triton_attention.register("cuda")
+    register_backend(
+        "cuda",
+        triton_attention.target_aware_attention_triton,
+        triton_attention.cached_target_attention_triton,
+    )
     return True
+
+
+# The dispatcher picks up its default backends when first imported (the Triton kernel on CUDA;
+# the PyTorch reference elsewhere), so every model, engine and benchmark sees the same ones.
+register_default_backends()

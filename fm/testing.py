@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fm.timefeatures import hour_of_day
+from fm.timefeatures import hour_of_day, to_us
 
 SURFACES = ["feed", "video"]
 MAIN_TASKS = ["click", "like"]
@@ -30,7 +30,7 @@ def toy_events(
 ) -> pd.DataFrame:
     """Impressions of time-ordered requests; columns as in the canonical event log."""
     rng = np.random.default_rng(seed)
-    start = pd.Timestamp("2024-01-01", tz="UTC").value // 1000  # microseconds
+    start = to_us(pd.Timestamp("2024-01-01", tz="UTC"))
     req_ts = np.sort(start + rng.integers(0, int(days * 86400e6), n_requests))
     req_user = rng.integers(0, n_users, n_requests)
     req_surface = rng.integers(0, len(SURFACES), n_requests)
@@ -83,35 +83,11 @@ def toy_config_kwargs(n_items: int = 100) -> dict[str, Any]:
     }
 
 
-def random_batch(
-    config: Any, hist_len: list[int], n_targets: int, seed: int = 0, n_hist: int | None = None
-) -> Any:
-    """A random request batch straight in tensors (no event log): B = len(hist_len) rows,
-    history padded to n_hist (default: the longest), n_targets candidates per row."""
-    import torch
+def __getattr__(name: str) -> Any:
+    # random_batch moved to fm.batching (production code verifies exports with it); kept
+    # importable from here lazily, so that importing the toy log does not import torch.
+    if name == "random_batch":
+        from fm.batching import random_batch
 
-    from fm.batching import Batch
-
-    g = torch.Generator().manual_seed(seed)
-    hl = torch.as_tensor(hist_len, dtype=torch.long)
-    B = len(hist_len)
-    N = int(hl.max()) if n_hist is None and B else int(n_hist or 0)
-    valid = torch.arange(N)[None, :] < hl[:, None]
-
-    def ints(hi: int, *shape: int) -> torch.Tensor:
-        return torch.randint(0, hi, shape, generator=g)
-
-    return Batch(
-        hist_item=ints(config.n_items, B, N) * valid,
-        hist_surface=ints(len(config.surfaces), B, N) * valid,
-        hist_hour=ints(config.n_hours, B, N) * valid,
-        hist_action=ints(config.n_actions, B, N) * valid,
-        hist_rank=(hl[:, None] - 1 - torch.arange(N)[None, :]).clamp(min=0) * valid,
-        hist_gap=ints(config.n_time_buckets, B, N) * valid,
-        hist_len=hl,
-        tgt_item=ints(config.n_items, B, n_targets),
-        tgt_surface=ints(len(config.surfaces), B, n_targets),
-        tgt_hour=ints(config.n_hours, B, n_targets),
-        tgt_gap=ints(config.n_time_buckets, B),
-        tgt_mask=torch.ones(B, n_targets, dtype=torch.bool),
-    )
+        return random_batch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

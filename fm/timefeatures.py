@@ -1,4 +1,9 @@
-"""Time features of the FM, derived one way for training, logging and serving.
+"""Time features of the FM, derived one way for training, logging and serving, and the one
+home of every conversion of an instant to int64 microseconds since the epoch (UTC):
+`to_us` (one datetime), `timestamps_us` (a pandas column -> int64 array), `as_microseconds`
+(a pandas column -> datetime64[us, UTC] column), `arrow_timestamps_us` (an Arrow column).
+The store bridge, the experts and the API convert through these; importing this module
+imports numpy and pandas only (never torch: the `fm` package loads its modules lazily).
 
 Every hour-of-day the FM reads comes from `hour_of_day(ts_us, config.time_zone)`: history
 tokens and targets alike, in `fm.batching.collate`, from the event's own microsecond UTC
@@ -20,6 +25,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -113,3 +119,45 @@ def to_us(when: datetime | pd.Timestamp) -> int:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return (when - _EPOCH) // timedelta(microseconds=1)  # floor, also for pd.Timestamp
+
+
+def timestamps_us(ts: pd.Series) -> np.ndarray:
+    """A timestamp column as int64 microseconds since the epoch (UTC); naive values are UTC.
+
+    Accepts datetime64 of any unit (naive or with a time zone), strings and datetime objects.
+    Sub-microsecond parts are floored (also before 1970). Works over the whole microsecond
+    range (years far outside pandas' nanosecond range 1677..2262 included).
+    """
+    ts = pd.Series(ts)
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):
+        ts = ts.dt.tz_convert("UTC").dt.tz_localize(None)
+    elif ts.dtype.kind != "M":
+        try:
+            ts = pd.to_datetime(ts, utc=True).dt.tz_localize(None)
+        except pd.errors.OutOfBoundsDatetime:  # objects beyond the nanosecond range
+            return np.array([to_us(pd.Timestamp(x)) for x in ts], dtype=np.int64)
+    return ts.astype("datetime64[us]").to_numpy(dtype="datetime64[us]").view(np.int64)
+
+
+def as_microseconds(ts: pd.Series) -> pd.Series:
+    """A timestamp column as datetime64[us, UTC] (what Feast's DuckDB store accepts), same
+    index and name.
+
+    Naive values are taken as UTC; sub-microsecond parts are floored (before 1970 too);
+    instants outside pandas' nanosecond range (years 1677..2262) keep their value."""
+    if isinstance(ts.dtype, pd.DatetimeTZDtype):  # to_datetime would box ~1000 values to check
+        return ts.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
+    if ts.dtype.kind == "M":  # naive datetime64 of any unit
+        return ts.astype("datetime64[us]").dt.tz_localize("UTC")
+    us = timestamps_us(ts)  # strings, datetime objects
+    return pd.Series(us.astype("datetime64[us]"), index=ts.index, name=ts.name).dt.tz_localize(
+        "UTC"
+    )
+
+
+def arrow_timestamps_us(column: Any) -> np.ndarray:
+    """An Arrow timestamp column (Array or ChunkedArray, any unit) -> int64 microseconds."""
+    import pyarrow as pa  # only callers holding Arrow data pay for it
+    import pyarrow.compute as pc
+
+    return pc.cast(pc.cast(column, pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy()

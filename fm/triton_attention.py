@@ -18,8 +18,9 @@ longest row, so the output of a row is independent of the batch. History rows st
 loop at the block's last position, so the causal part costs about half of a dense pass, and
 padding keys beyond hist_len[b] are never loaded.
 
-Registered for device "cuda" by `register()` (called from `fm.ops` when CUDA and triton are
-available); everything else uses the PyTorch reference. The parity tests run this same kernel
+`fm.ops` (the dispatcher) imports this module and registers its two entry points for device
+"cuda" when CUDA and triton are available; this module never imports the dispatcher.
+Everything else uses the PyTorch reference. The parity tests run this same kernel
 on CPU tensors under TRITON_INTERPRET=1.
 """
 
@@ -233,10 +234,3 @@ def cached_target_attention_triton(
     """
     n = k_h.shape[2]
     return _launch(q_t, k_h, v_h, k_t, v_t, hist_len, n, n, norm_len, block_m, block_n)
-
-
-def register(device_type: str = "cuda") -> None:
-    """Make the kernel the attention backend for tensors on `device_type`."""
-    from fm import ops
-
-    ops.register_backend(device_type, target_aware_attention_triton, cached_target_attention_triton)

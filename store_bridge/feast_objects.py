@@ -13,7 +13,8 @@ from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64
 
 from store_bridge.events.schema import EVENT_TIMESTAMP
-from store_bridge.repo import FeatureRepo, FMVersion, view_name
+from store_bridge.repo import FeatureRepo, FMVersion
+from store_bridge.versions import PinError, VersionRegistry
 
 USER = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64)
 ITEM = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64)
@@ -70,7 +71,7 @@ def _abs(path: Path) -> str:
 
 def tae_view(repo: FeatureRepo, v: FMVersion) -> FeatureView:
     return FeatureView(
-        name=view_name(v.version),
+        name=VersionRegistry.view_name(v.version),
         entities=[USER, ITEM],
         schema=[Field(name="embedding", dtype=Array(Float32))],
         source=tae_source(repo, v.version),
@@ -128,14 +129,19 @@ def build_definitions(repo: FeatureRepo, experts: Iterable[ExpertLike]) -> dict[
         "user_history": history_view,
     }
     views: dict[str, FeatureView] = {}
+    registry = VersionRegistry(repo, manifest=manifest)
     for v in manifest.versions.values():
-        views[v.version] = objects[view_name(v.version)] = tae_view(repo, v)
+        views[v.version] = objects[registry.view_name(v.version)] = tae_view(repo, v)
     for expert in experts:
-        if expert.fm_version is not None and expert.fm_version not in views:
-            raise ValueError(
-                f"expert {expert.name!r} pins FM version {expert.fm_version!r}, which is not in "
-                f"{repo.manifest_path} (known: {sorted(views) or 'none'})"
-            )
+        if expert.fm_version is not None:
+            # A retired version keeps its view while a (forced) pin remains: existence only.
+            try:
+                registry.check_pin(expert.fm_version, active=False)
+            except PinError:
+                raise ValueError(
+                    f"expert {expert.name!r} pins FM version {expert.fm_version!r}, which is "
+                    f"not in {repo.manifest_path} (known: {sorted(views) or 'none'})"
+                ) from None
         features: list[Any] = [item_view[list(expert.item_features)]] if expert.item_features else []
         features.append(history_view)
         tags = {"surface": getattr(expert, "surface", "")}

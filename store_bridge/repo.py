@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from store_bridge.redis_server import FEAST_ENV, feast_connection_string
 
+# The one spelling of an FM version name (v1, v2, ...); expert configs validate against it too.
 VERSION_RE = re.compile(r"^v[1-9][0-9]*$")
 
 
@@ -73,27 +75,11 @@ class Manifest(BaseModel):
         return [v for v in self.versions.values() if v.status == "active"]
 
     def check_pin(self, fm_version: str, expected_dim: int | None = None) -> None:
-        """Raise ValueError unless `fm_version` is published, active and `expected_dim`-d."""
-        if fm_version not in self.versions:
-            if fm_version in self.deleted:
-                active = ", ".join(v.version for v in self.active()) or "none"
-                raise ValueError(
-                    f"pins FM version {fm_version!r}, which was deleted by gc on "
-                    f"{self.deleted[fm_version].deleted_at} (active: {active})"
-                )
-            known = ", ".join(sorted(self.versions)) or "none"
-            raise ValueError(f"pins unknown FM version {fm_version!r} (published: {known})")
-        entry = self.versions[fm_version]
-        if entry.status != "active":
-            active = ", ".join(v.version for v in self.active()) or "none"
-            raise ValueError(
-                f"pins FM version {fm_version!r}, which is {entry.status} (active: {active})"
-            )
-        if expected_dim is not None and expected_dim != entry.dim:
-            raise ValueError(
-                f"expects {expected_dim}-d embeddings but FM version {fm_version!r} is "
-                f"{entry.dim}-d"
-            )
+        """Raise PinError (a ValueError) unless `fm_version` is published, active and
+        `expected_dim`-d. The rule lives in `store_bridge.versions.VersionRegistry.check_pin`."""
+        from store_bridge.versions import VersionRegistry  # versions imports this module
+
+        VersionRegistry(manifest=self).check_pin(fm_version, expected_dim)
 
     def next_version(self) -> str:
         """One past the highest name ever used, deleted versions included: a name, once
@@ -135,8 +121,10 @@ class FeatureRepo:
     def tae_dir(self, version: str) -> Path:
         return self.data / f"tae_{version}"
 
-    @property
+    @cached_property
     def project(self) -> str:
+        """The Feast project named in feature_store.yaml, read once per FeatureRepo (the
+        online store's keys embed it, so readers ask for it on every request)."""
         cfg = yaml.safe_load((self.path / "feature_store.yaml").read_text())
         return str(cfg["project"])
 

@@ -22,18 +22,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store_bridge.events.schema import (
-    EVENT_TIMESTAMP,
-    ITEM_FEATURES,
-    as_microseconds,
-    timestamps_us,
-)
+from fm.timefeatures import arrow_timestamps_us, as_microseconds, timestamps_us, to_us
+from store_bridge.events.schema import EVENT_TIMESTAMP, ITEM_FEATURES
 from store_bridge.repo import FeatureRepo, FMVersion
 
 # Label times foundex accepts: from the epoch to where nanosecond timestamps end (Feast's
 # get_historical_features and pandas work in nanoseconds), so an accepted row joins anywhere.
 EARLIEST_US = 0
-LATEST_US = int(pd.Timestamp("2262-04-11", tz="UTC").value // 1000)
+LATEST_US = to_us(pd.Timestamp("2262-04-11", tz="UTC"))
 # A UTC offset after the time of day (a date's "-05" is not one).
 _OFFSET = r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?\s*(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 
@@ -66,7 +62,7 @@ def label_timestamps(ts: pd.Series) -> tuple[pd.Series, str | None]:
             f"{EVENT_TIMESTAMP} is missing on {int(missing.sum()):,} of {len(missing):,} rows "
             f"(first: row {int(np.argmax(missing))})"
         )
-    us = out.dt.tz_localize(None).to_numpy(dtype="datetime64[us]").view(np.int64)
+    us = timestamps_us(out)
     bad = (us < EARLIEST_US) | (us >= LATEST_US)
     if bad.any():
         i = int(np.argmax(bad))
@@ -265,7 +261,7 @@ def point_in_time_join(
     if items_path is not None and item_features:
         table = pq.read_table(items_path, columns=["item_id", EVENT_TIMESTAMP, *item_features])
         hit = asof_indices(
-            [table.column("item_id").to_numpy()], _ts_us(table.column(EVENT_TIMESTAMP)),
+            [table.column("item_id").to_numpy()], arrow_timestamps_us(table.column(EVENT_TIMESTAMP)),
             [items], ts,
         )
         picked = table.select(item_features).take(pa.array(np.maximum(hit, 0))).to_pandas()
@@ -280,7 +276,7 @@ def point_in_time_join(
             keys = [pq.read_table(f, columns=["user_id", "item_id", EVENT_TIMESTAMP]) for f in files]
             sizes = np.array([k.num_rows for k in keys], dtype=np.int64)
             keys_t = pa.concat_tables(keys)
-            t_ts = _ts_us(keys_t.column(EVENT_TIMESTAMP))
+            t_ts = arrow_timestamps_us(keys_t.column(EVENT_TIMESTAMP))
             hit = asof_indices(
                 [keys_t.column("user_id").to_numpy(), keys_t.column("item_id").to_numpy()],
                 t_ts, [users, items], ts,
@@ -293,13 +289,6 @@ def point_in_time_join(
             _gather_embeddings(files, fidx, frow, embeddings)
         out["embedding"] = embeddings
     return out
-
-
-def _ts_us(column: pa.ChunkedArray) -> np.ndarray:
-    """A timestamp column as int64 microseconds since the epoch, whatever its unit."""
-    import pyarrow.compute as pc
-
-    return pc.cast(pc.cast(column, pa.timestamp("us", tz="UTC")), pa.int64()).to_numpy()
 
 
 def _gather_embeddings(

@@ -156,7 +156,7 @@ def test_validate_pin():
     )
     manifest.check_pin("v2")
     manifest.check_pin("v2", expected_dim=64)
-    with pytest.raises(ValueError, match=r"unknown FM version 'v9' \(published: v1, v2\)"):
+    with pytest.raises(ValueError, match=r"unknown FM version 'v9' \(known: v1, v2\)"):
         manifest.check_pin("v9")
     with pytest.raises(ValueError, match=r"'v1', which is retired \(active: v2\)"):
         manifest.check_pin("v1")

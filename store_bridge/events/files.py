@@ -12,11 +12,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fm.timefeatures import as_microseconds
 from store_bridge.events.schema import (
     EVENT_TIMESTAMP,
     ITEM_SCHEMA,
     DatasetSpec,
-    as_microseconds,
     event_arrow_schema,
     validate_events,
 )

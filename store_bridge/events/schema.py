@@ -33,6 +33,24 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+# The time conversions live in fm.timefeatures (numpy/pandas only: importing it never imports
+# torch); as_microseconds and timestamps_us are re-exported for the readers of event logs.
+from fm.timefeatures import as_microseconds, check_time_zone, hour_of_day, timestamps_us
+
+__all__ = [
+    "EVENT_TIMESTAMP",
+    "ITEM_FEATURES",
+    "ITEM_SCHEMA",
+    "KEY_COLUMNS",
+    "DatasetSpec",
+    "as_microseconds",
+    "event_arrow_schema",
+    "local_hours",
+    "time_windows",
+    "timestamps_us",
+    "validate_events",
+]
+
 EVENT_TIMESTAMP = "event_timestamp"
 KEY_COLUMNS = ["request_id", "user_id", "item_id", EVENT_TIMESTAMP, "surface", "hour", "action"]
 ITEM_FEATURES = ["category", "quality"]
@@ -56,9 +74,6 @@ class DatasetSpec:
     time_zone: str = "UTC"
 
     def __post_init__(self) -> None:
-        # Imported here: `fm`'s package imports PyTorch, which reading a spec must not cost.
-        from fm.timefeatures import check_time_zone
-
         check_time_zone(self.time_zone)
 
     @property
@@ -121,34 +136,9 @@ def event_arrow_schema(tasks: list[str]) -> pa.Schema:
     )
 
 
-def as_microseconds(ts: pd.Series) -> pd.Series:
-    """Coerce a timestamp column to UTC microseconds (what Feast's DuckDB store accepts).
-
-    Naive values are taken as UTC; sub-microsecond parts are floored (before 1970 too);
-    instants outside pandas' nanosecond range (years 1677..2262) keep their value."""
-    if isinstance(ts.dtype, pd.DatetimeTZDtype):  # to_datetime would box ~1000 values to check
-        return ts.dt.tz_convert("UTC").astype("datetime64[us, UTC]")
-    if ts.dtype.kind == "M":  # naive datetime64 of any unit
-        return ts.astype("datetime64[us]").dt.tz_localize("UTC")
-    from fm.history import timestamps_us as fm_timestamps_us  # (lazy: see __post_init__)
-
-    us = fm_timestamps_us(ts)  # strings, datetime objects: the FM's one conversion
-    return pd.Series(us.astype("datetime64[us]"), index=ts.index, name=ts.name).dt.tz_localize(
-        "UTC"
-    )
-
-
-def timestamps_us(ts: pd.Series) -> np.ndarray:
-    """A timestamp column as int64 microseconds since the epoch (UTC)."""
-    naive = as_microseconds(ts).dt.tz_localize(None)
-    return naive.to_numpy(dtype="datetime64[us]").view(np.int64)
-
-
 def local_hours(ts: pd.Series, time_zone: str) -> np.ndarray:
     """The `hour` column of an event log: int8 local hour of day of each timestamp in
     `time_zone`, derived exactly as the FM derives its own (fm.timefeatures.hour_of_day)."""
-    from fm.timefeatures import hour_of_day  # (lazy: see DatasetSpec.__post_init__)
-
     return hour_of_day(timestamps_us(ts), time_zone).astype(np.int8)
 
 

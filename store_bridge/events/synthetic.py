@@ -25,13 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fm.timefeatures import hour_of_day, to_us
-from store_bridge.events.schema import (
-    EVENT_TIMESTAMP,
-    DatasetSpec,
-    as_microseconds,
-    validate_events,
-)
+from fm.timefeatures import as_microseconds, hour_of_day, to_us
+from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec, validate_events
 
 SURFACES = ["feed", "search", "notif"]
 MAIN_TASKS = ["click", "long_view"]
