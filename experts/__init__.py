@@ -5,7 +5,9 @@ features - point-in-time recent history, the short-term input
 dataset  - ExpertFrame (the training/scoring table) and its tensors
 model    - FM embedding, short-term HSTU, FM fusion, expert fusion, task heads
 train    - training, scoring, NE evaluation, save/load
-metrics  - Normalized Entropy
+metrics  - Normalized Entropy, the Transfer Ratio
+baselines - the paper's expert variants (no-FM, +UE, +TAE, one-stage) on one ExpertModel
+paper    - the paper's offline studies (package: plan, data, runs, stats, report, tables)
 
 The config API is imported eagerly; the torch-backed parts load on first use, so reading expert
 configs (the Feast repo's definitions, `foundex` listings) never pays for importing torch.

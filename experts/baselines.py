@@ -25,6 +25,7 @@ from experts.train import evaluate, train_expert
 from store_bridge.events.schema import EVENT_TIMESTAMP
 
 FM_VARIANTS = ("ue", "tae_small", "tae", "ue_tae")
+NO_FM_VARIANTS = ("nofm", "one_stage")  # no FM input: fm_version None, no vector
 VARIANTS = ("nofm", *FM_VARIANTS, "one_stage")
 # one-stage model: this many times the expert's width and history (no FM to lean on)
 ONE_STAGE_WIDTH = 2
@@ -69,7 +70,7 @@ def variant_config(
         name=f"{surface.lower()}_{variant}"[:63],
         surface=surface,
         tasks=tasks,
-        fm_version=None if variant in ("nofm", "one_stage") else "v1",
+        fm_version=None if variant in NO_FM_VARIANTS else "v1",
         history_length=history,
         hidden_dim=hidden,
         epochs=size.epochs,
@@ -113,7 +114,7 @@ def with_embedding(
 
 def variant_vectors(variant: str, vectors: dict[str, np.ndarray]) -> np.ndarray | None:
     """The FM input of a variant from {"ue", "tae_small", "tae"} arrays (None: no FM input)."""
-    if variant in ("nofm", "one_stage"):
+    if variant in NO_FM_VARIANTS:
         return None
     if variant == "ue_tae":
         return np.concatenate([vectors["ue"], vectors["tae"]], axis=1)

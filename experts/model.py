@@ -62,11 +62,15 @@ class FMEmbedding(nn.Module):
         return self.tae_dim * self.out_dim
 
 
-class HSTULayer(nn.Module):
-    """One tiny HSTU layer (pointwise SiLU attention, gated by U), causal over the sequence.
+class ShortTermHSTULayer(nn.Module):
+    """The short-term interest's one tiny HSTU-style layer (pointwise SiLU attention, gated by
+    U), causal over the user's recent events.
 
-    Attention is divided by the fixed sequence length, not by the number of valid positions,
-    as in the FM: padding never changes a row's output.
+    Not the FM's `fm.layers.HSTULayer`, a different computation: one head, a learned bias by
+    relative position, no input LayerNorm, dropout after the output projection, and plain
+    causal self-attention over a fixed-length sequence (no target-aware attention, no K/V
+    cache). Attention is divided by the fixed sequence length, not by the number of valid
+    positions, as in the FM: padding never changes a row's output.
     """
 
     def __init__(self, dim: int, seq_len: int, dropout: float) -> None:
@@ -108,7 +112,8 @@ class ShortTermInterest(nn.Module):
         self.items = items  # shared with the candidate encoder: one item space
         self.actions = nn.Embedding(n_actions + 1, dim, padding_idx=0)
         self.positions = nn.Parameter(torch.zeros(seq_len, dim))
-        self.layer = HSTULayer(dim, seq_len, dropout)
+        # The attribute name is part of saved experts' state_dict keys (short_term.layer.*).
+        self.layer = ShortTermHSTULayer(dim, seq_len, dropout)
         self.norm = nn.LayerNorm(dim)
         self.empty = nn.Parameter(torch.zeros(dim))
 

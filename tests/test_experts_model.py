@@ -226,3 +226,25 @@ def test_forward_shapes_without_tae_tensor():
         torch.zeros(b),
     )
     assert logits.shape == (b, 2)
+
+
+def test_state_dict_keys_of_saved_experts_are_stable():
+    """Saved experts load by these names: renaming a module attribute would orphan every
+    artifact already written (the layer classes may be renamed, their attributes not)."""
+    cfg = ExpertConfig(name="keys", surface="feed", tasks=["click"], fm_version="v1",
+                       history_length=4, hidden_dim=8)
+    keys = list(ExpertModel(cfg, 6, 10, 3, 4).state_dict())
+    assert keys == [
+        "item_embedding.weight", "short_term.positions", "short_term.empty",
+        "short_term.items.weight", "short_term.actions.weight", "short_term.layer.rel_bias",
+        "short_term.layer.uvqk.weight", "short_term.layer.uvqk.bias",
+        "short_term.layer.out_norm.weight", "short_term.layer.out_norm.bias",
+        "short_term.layer.out.weight", "short_term.layer.out.bias", "short_term.norm.weight",
+        "short_term.norm.bias", "fm_embedding.missing", "fm_embedding.norm.weight",
+        "fm_embedding.norm.bias", "fm_embedding.proj.weight", "fm_embedding.proj.bias",
+        "fm_fusion.0.weight", "fm_fusion.0.bias", "fm_fusion.3.weight", "fm_fusion.3.bias",
+        "item_encoder.items.weight", "item_encoder.categories.weight",
+        "item_encoder.quality_proj.weight", "item_encoder.quality_proj.bias", "item_proj.weight",
+        "item_proj.bias", "expert_fusion.0.weight", "expert_fusion.0.bias",
+        "expert_fusion.3.weight", "expert_fusion.3.bias", "heads.0.weight", "heads.0.bias",
+    ]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from experts.baselines import VARIANTS, ExpertSize, variant_config, variant_vectors
-from experts.paper_tables import Plan, run
+from experts.paper.plan import Plan
+from experts.paper.tables import run
 from fm import FMConfig, UserHistories
 from fm.batching import collate
 from fm.history import timestamps_us
@@ -157,7 +158,7 @@ def _s(mean, std=0.1):
 
 
 def test_targets_are_judged_from_the_tables():
-    from experts.paper_tables import check_targets
+    from experts.paper.stats import check_targets
 
     tables = {
         "table1_ne_diff_vs_nofm": [
