@@ -145,17 +145,18 @@ def compare(ours: str, feast: str, redis_url: str, project: str, cfg: BenchConfi
     from store_bridge.feast_layout import entity_keys, feature_field
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
+    from store_bridge.repo import view_name
 
     items = list(range(1, cfg.items + 1))
     body = {"user_id": 1, "item_ids": items, "fm_version": VERSION}
     fbody = {
-        "features": [f"fm_tae_{VERSION}:embedding"],
+        "features": [f"{view_name(VERSION)}:embedding"],
         "entities": {"user_id": [1] * cfg.items, "item_id": items},
     }
     store = RedisEmbeddingStore(redis_client(redis_url, timeout=5), project)
     arr = np.asarray(items, dtype=np.int64)
     keys = entity_keys(project, {"user_id": np.ones(len(arr), np.int64), "item_id": arr})
-    field = feature_field(f"fm_tae_{VERSION}", "embedding")
+    field = feature_field(view_name(VERSION), "embedding")
     # A lean keep-alive client (stdlib http.client), the same for every path: it adds little
     # of its own to what is measured, unlike a full-featured client (~2 ms on a 700 KB body).
     o, f = _Conn(ours), _Conn(feast)
@@ -239,18 +240,11 @@ async def _exchange(reader, writer, request: bytes) -> int:
     return status
 
 
-async def _load(url: str, cfg: BenchConfig) -> dict:
-    """Open-loop load: request k is due at t0 + k/rate whatever happened before it.
-
-    The client is a handful of raw keep-alive connections (no HTTP library), so the load
-    generator itself stays light next to the server on a small machine; latency counts from
-    the due time, so client or server queueing shows up in it.
-    """
-    parsed = urlparse(url)
-    n = int(cfg.rate * cfg.duration)
+def _load_requests(cfg: BenchConfig) -> list[bytes]:
+    """A pool of 64 distinct raw lookup requests (users, candidate sets), built up front."""
     rng = np.random.default_rng(1)
     requests = []
-    for k in range(64):  # a pool of distinct requests (users, candidate sets), built up front
+    for k in range(64):
         body = {"user_id": k % cfg.users + 1, "fm_version": VERSION,
                 "item_ids": rng.choice(np.arange(1, cfg.items + 1), cfg.load_items,
                                        replace=False).tolist()}
@@ -261,6 +255,19 @@ async def _load(url: str, cfg: BenchConfig) -> dict:
             b"POST /v1/embeddings/lookup HTTP/1.1\r\nHost: bench\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(raw) + raw
         )
+    return requests
+
+
+async def _load(url: str, cfg: BenchConfig) -> dict:
+    """Open-loop load: request k is due at t0 + k/rate whatever happened before it.
+
+    The client is a handful of raw keep-alive connections (no HTTP library), so the load
+    generator itself stays light next to the server on a small machine; latency counts from
+    the due time, so client or server queueing shows up in it.
+    """
+    parsed = urlparse(url)
+    n = int(cfg.rate * cfg.duration)
+    requests = _load_requests(cfg)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     queue: asyncio.Queue = asyncio.Queue()
@@ -301,7 +308,10 @@ async def _load(url: str, cfg: BenchConfig) -> dict:
     for _ in workers:
         queue.put_nowait(None)
     await asyncio.gather(*workers)
-    wall = time.perf_counter() - t0
+    return _load_summary(n, time.perf_counter() - t0, latencies, errors)
+
+
+def _load_summary(n: int, wall: float, latencies: list[float], errors: dict[str, int]) -> dict:
     out = {"requests": n, "ok": len(latencies), "errors": sum(errors.values()),
            "error_kinds": errors, "achieved_rps": round(n / wall, 1)}
     if latencies:
@@ -380,9 +390,16 @@ def run(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         if not cfg.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    rows = [f"{'path':<22}{'median ms':>11}{'p99 ms':>10}{'n':>6}"]
+    # What REST adds over the service's own read (HTTP, validation, encoding), per format.
+    read_ms = lookups["store read (in-process)"]["median_ms"]
+    overhead = {fmt: round(lookups[f"foundex REST {fmt}"]["median_ms"] - read_ms, 3)
+                for fmt in ("json", "f32")}
+    rows = [f"{'path':<26}{'median ms':>11}{'p99 ms':>10}{'n':>6}"]
     for name, s in lookups.items():
-        rows.append(f"{name:<22}{s['median_ms']:>11.2f}{s['p99_ms']:>10.2f}{s['n']:>6}")
+        rows.append(f"{name:<26}{s['median_ms']:>11.2f}{s['p99_ms']:>10.2f}{s['n']:>6}")
+    for fmt, ms in overhead.items():
+        rows.append(f"{'REST ' + fmt + ' - store read':<26}{ms:>11.2f}"
+                    + ("  (target <= 1.5 ms)" if fmt == "json" else ""))
     rows.append(f"feast serve / foundex REST json (median): {ratio:.1f}x "
                 f"({'meets' if ratio >= 10 else 'misses'} the >= 10x target)")
     rows.append(f"load: {load['requests']} requests at {cfg.rate:g}/s -> achieved "
@@ -401,6 +418,7 @@ def run(cfg: BenchConfig, say: Callable[[str], None] = print) -> dict:
         "dim": cfg.dim,
         "lookup": lookups,
         "speedup_vs_feast_serve": round(ratio, 2),
+        "rest_overhead_ms": overhead,
         "load": {"rate": cfg.rate, "duration_s": cfg.duration, "items": cfg.load_items,
                  "format": cfg.load_format, **load},
         "redis_down": fault,

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
@@ -17,6 +18,7 @@ from api.settings import Settings
 if TYPE_CHECKING:
     import pandas as pd
 
+    from api.services.context import ServiceContext
     from store_bridge.redis_server import EmbeddedRedis
 
 app = typer.Typer(
@@ -89,6 +91,22 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _context(settings: Settings, *, bulk: bool = False) -> ServiceContext:
+    """The use-cases' context for one command. Redis is resolved (the embedded server
+    started) only when a use-case first needs it, after its cheap checks. `bulk`: a long
+    timeout, for commands that write many rows."""
+    from api.services.context import ServiceContext
+
+    return ServiceContext(settings, lambda: _redis(settings), redis_timeout_s=30 if bulk else None)
+
+
+def _service_error(e: Exception) -> NoReturn:
+    """A domain error as one `error:` line (a failed tool's full output follows it)."""
+    from api.services.errors import Unavailable
+
+    _fail(e.details if isinstance(e, Unavailable) and e.details != str(e) else str(e))
+
+
 @app.command()
 def demo(
     repo: RepoOpt = None,
@@ -105,7 +123,7 @@ def demo(
     versions (small v1, large v2), log both versions' TAEs, train experts pinned to each and a
     no-FM baseline, evaluate NE on a later window, print a summary table. About 1.5-2 minutes
     on 2 CPU cores; --tiny about 40 s."""
-    from api.pipeline import DemoSize, ne_table, run_demo
+    from api.pipeline import TR_NOTE, DemoSize, ne_table, run_demo
     from store_bridge.repo import FeatureRepo
 
     settings = _settings(repo)
@@ -120,6 +138,7 @@ def demo(
     )
     typer.echo("\nNE per task on the evaluation window " f"{report.windows['eval'][0]} .. {report.windows['eval'][1]}")
     typer.echo(ne_table(report))
+    typer.echo(TR_NOTE)
     typer.echo(f"stage seconds: {json.dumps(report.seconds)}")
     typer.echo(f"demo wall time: {time.perf_counter() - t0:.1f}s")
     typer.echo(f"serve it with: foundex serve --repo {settings.repo}")
@@ -211,14 +230,6 @@ def redis(
         pass
 
 
-def _pinned_by(settings: Settings, version: str) -> list[str]:
-    from experts import load_expert_configs
-    from store_bridge.repo import FeatureRepo
-
-    repo = FeatureRepo(settings.repo)
-    return [c.name for c in load_expert_configs(repo.experts_dir) if c.fm_version == version]
-
-
 @fm_app.command("publish")
 def fm_publish(
     checkpoint: Annotated[Path, typer.Argument(help="FM checkpoint (.pt) written by training")],
@@ -252,19 +263,19 @@ def fm_publish(
 ) -> None:
     """Publish an FM checkpoint as the next version (its own fm_tae_<v> view) and apply.
     Version names are never reused, not even after gc. Refused: a file that is not a foundex
-    checkpoint, a bad or reversed window, a checkpoint that is already a version."""
-    from store_bridge.repo import FeastApplyError, FeatureRepo
-    from store_bridge.versions import VersionError, publish
+    checkpoint, a serving artifact (`fm export` output), a bad or reversed window, a
+    checkpoint that is already a version."""
+    from api.services import lifecycle
+    from api.services.errors import ServiceError
 
-    settings = _settings(repo)
     try:
-        entry = publish(
-            FeatureRepo(settings.repo), checkpoint, lambda: _redis(settings),
-            training_window=(train_start, train_end), ttl_seconds=ttl_days * 86400,
-            description=description, allow_duplicate=allow_duplicate,
+        entry = lifecycle.publish(
+            _context(_settings(repo)), checkpoint, training_window=(train_start, train_end),
+            ttl_seconds=ttl_days * 86400, description=description,
+            allow_duplicate=allow_duplicate,
         )
-    except (VersionError, FeastApplyError) as e:
-        _fail(str(e))
+    except ServiceError as e:
+        _service_error(e)
     typer.echo(f"published {entry.version} (dim {entry.dim}, digest {entry.digest[:12]})")
 
 
@@ -272,19 +283,22 @@ def fm_publish(
 def fm_list(repo: RepoOpt = None) -> None:
     """List FM versions and the experts pinned to each; versions deleted by gc last (their
     names are never reused)."""
-    from store_bridge.repo import FeatureRepo
+    from api.services import lifecycle
+    from store_bridge.versions import VersionError
 
-    settings = _settings(repo)
-    manifest = FeatureRepo(settings.repo).load_manifest()
-    if not manifest.versions and not manifest.deleted:
+    try:
+        listing = lifecycle.list_versions(_context(_settings(repo)))
+    except VersionError as e:
+        _fail(str(e))
+    if not listing.versions and not listing.deleted:
         typer.echo("no FM versions published")
-    for v in manifest.versions.values():
-        pins = ", ".join(_pinned_by(settings, v.version)) or "-"
+    for item in listing.versions:
+        v, pins = item.entry, ", ".join(item.pinned_by) or "-"
         about = f"\t{v.description}" if v.description else ""
         typer.echo(
             f"{v.version}\t{v.status}\tdim={v.dim}\tdigest={v.digest[:12]}\tpinned by: {pins}{about}"
         )
-    for d in manifest.deleted.values():
+    for d in listing.deleted:
         typer.echo(f"{d.version}\tdeleted\tdim={d.dim}\tdigest={d.digest[:12]}\tgc at {d.deleted_at}")
 
 
@@ -295,63 +309,106 @@ def fm_retire(
     force: Annotated[bool, typer.Option(help="Retire even if experts pin it")] = False,
 ) -> None:
     """Mark a version retired (refused while an expert pins it, unless --force)."""
-    from store_bridge.repo import FeastApplyError, FeatureRepo
-    from store_bridge.versions import VersionError, get_version, retire
+    from api.services import lifecycle
+    from api.services.errors import ServiceError
 
-    settings = _settings(repo)
-    fr = FeatureRepo(settings.repo)
     try:
-        get_version(fr, version)  # before reading expert configs or starting Redis
-        retire(
-            fr, version, lambda: _redis(settings),
-            pinned_by=_pinned_by(settings, version), force=force,
-        )
-    except (VersionError, FeastApplyError) as e:
-        _fail(str(e))
+        lifecycle.retire(_context(_settings(repo)), version, force=force)
+    except ServiceError as e:
+        _service_error(e)
     typer.echo(f"retired {version}")
 
 
 @app.command("log")
 def log_cmd(
-    impressions: Annotated[Path, typer.Option(help="parquet of user_id, item_id, event_timestamp, surface, hour")],
+    impressions: Annotated[
+        Path,
+        typer.Option(help="parquet of impressions: user_id, item_id (integers), event_timestamp "
+                          "(a timestamp; without a time zone it is UTC; ISO 8601 text works, "
+                          "epoch numbers do not), surface (one the FM versions know); an hour "
+                          "column, if present, is ignored (the FM derives it from the time)"),
+    ],
     repo: RepoOpt = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="no progress bars (drawn only on a terminal)")
+    ] = False,
     chunk_rows: Annotated[int, typer.Option(min=1, help="rows per chunk (one file per day)")] = 20000,
 ) -> None:
     """Compute the TAEs of every active FM version for logged impressions; write them offline
-    (partitioned parquet) and online (Redis, Feast's layout). Safe to rerun."""
-    import pandas as pd
+    (partitioned parquet) and online (Redis, Feast's layout). Safe to rerun: a run stopped
+    part-way (killed, Redis gone) resumes where it stopped.
 
-    from store_bridge.fm_tier import load_tae_function, repo_histories
-    from store_bridge.logging_tier import BadEmbeddings, log_version, prepare_impressions
-    from store_bridge.online import RedisEmbeddingStore
-    from store_bridge.redis_server import redis_client
-    from store_bridge.repo import FeatureRepo
-
+    The rows are checked before anything heavy starts; times are UTC (a timestamp without a
+    time zone is taken as UTC), 1970-01-01 to 2262-04-10; epoch numbers are refused (their
+    unit is ambiguous)."""
     settings = _settings(repo)
-    fr = FeatureRepo(settings.repo)
     if not impressions.is_file():
-        _fail(f"impressions file not found: {impressions}")
+        _fail(f"impressions file not found: {impressions}" if not impressions.exists()
+              else f"--impressions {impressions} is not a file")
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from api.services.errors import Invalid, ServiceError
+
     try:
-        imp = prepare_impressions(pd.read_parquet(impressions))
-    except ValueError as e:
+        frame = pd.read_parquet(impressions)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        _fail(f"{impressions}: not a readable parquet file ({type(e).__name__})")
+    from api.services import offline
+
+    ctx = _context(settings, bulk=True)
+    try:  # the rows, before torch, Feast or Redis
+        frame = offline.check_impressions(ctx, frame, on_note=lambda note: typer.echo(
+            f"note: {note}", err=True))
+    except Invalid as e:
         _fail(f"{impressions}: {e}")
-    active = fr.load_manifest().active()
-    if not active:
-        _fail("no active FM version to log")
-    histories = repo_histories(fr)
-    if histories is None:
-        _fail(f"no event log (events.parquet and spec.json) in {fr.events_dir}")
-    store = RedisEmbeddingStore(redis_client(_redis(settings), timeout=30), fr.project)
-    for entry in active:
-        try:
-            rep = log_version(fr, store, entry.version, load_tae_function(fr, entry, histories),
-                              imp, progress=not no_progress, chunk_rows=chunk_rows)
-        except BadEmbeddings as e:
-            _fail(str(e))
-        typer.echo(f"{entry.version}: {rep.rows:,} rows in {rep.seconds:.1f}s "
+    except ServiceError as e:
+        _service_error(e)
+    _ping_redis(ctx)
+
+    from api.pipeline import _is_tty
+    from api.services.errors import StoreUnavailable
+
+    def show(rep) -> None:
+        typer.echo(f"{rep.version}: {rep.rows:,} rows in {rep.seconds:.1f}s "
                    f"({rep.rows_per_s:,.0f} rows/s), {rep.files} files, {rep.online_written:,} online, "
                    f"{rep.skipped_chunks} chunks done by an earlier run")
+
+    try:
+        offline.log_impressions(ctx, frame, progress=not no_progress and _is_tty(sys.stderr),
+                                chunk_rows=chunk_rows, on_report=show)
+    except Invalid as e:  # the file's rows
+        _fail(f"{impressions}: {e}")
+    except StoreUnavailable as e:  # finished chunks are kept; a rerun skips them
+        _fail(f"redis at {_shown_url(ctx.redis_url)} stopped answering ({e}); nothing "
+              "written is lost: run the same command again to resume")
+    except ServiceError as e:
+        _service_error(e)
+
+
+def _shown_url(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def _ping_redis(ctx: ServiceContext) -> None:
+    """Exit 2 with one line unless the context's Redis answers a PING (resolving it starts
+    the embedded server when REDIS_URL is unset)."""
+    import redis
+
+    url = ctx.redis_url
+    try:
+        ctx.client.ping()
+    except (redis.RedisError, OSError) as e:
+        _fail(f"redis at {_shown_url(url)} does not answer: {e}")
 
 
 @app.command("training-set")
@@ -391,49 +448,28 @@ def training_set(
     import pandas as pd
     import pyarrow as pa
 
-    from experts import ExpertConfigError, load_expert_configs
-    from store_bridge.events.schema import EVENT_TIMESTAMP
-    from store_bridge.repo import FeatureRepo
-    from store_bridge.training_set import (
-        check_label_columns,
-        expert_training_set,
-        label_timestamps,
-    )
+    from api.services import offline
+    from api.services.errors import Invalid, ServiceError
 
-    fr = FeatureRepo(settings.repo)
+    ctx = _context(settings)
     try:
-        configs = {c.name: c for c in load_expert_configs(fr.experts_dir)}
-    except ExpertConfigError as e:
-        _fail(str(e))
-    if expert not in configs:
-        _fail(f"unknown expert {expert!r} (known: {', '.join(sorted(configs)) or 'none'})")
-    cfg = configs[expert]
-    manifest = fr.load_manifest()
-    entry = None
-    if cfg.fm_version:
-        try:
-            manifest.check_pin(cfg.fm_version)  # a retired version's TAEs are not logged on
-        except ValueError as e:
-            _fail(f"expert {expert} {e}; re-pin it to an active version")
-        entry = manifest.versions[cfg.fm_version]
-    if cfg.item_features and not (fr.data / "items.parquet").is_file():
-        _fail(f"item features not found: {fr.data / 'items.parquet'} (expert {expert} reads "
-              f"{', '.join(cfg.item_features)})")
+        plan = offline.plan_training_set(ctx, expert)  # the expert and its (active) pin first
+    except ServiceError as e:
+        _service_error(e)
     try:
         labels = pd.read_parquet(entities)
     except (OSError, ValueError, pa.ArrowException) as e:
         _fail(f"{entities}: not a readable parquet file ({type(e).__name__})")
     try:
-        check_label_columns(labels, cfg.tasks)
-        labels[EVENT_TIMESTAMP], note = label_timestamps(labels[EVENT_TIMESTAMP])
-        if note:
-            typer.echo(f"note: {note}", err=True)
-        frame = expert_training_set(fr, labels, entry, cfg.item_features)
-    except ValueError as e:
+        result = offline.build_training_set(ctx, plan, labels, on_note=lambda note: typer.echo(
+            f"note: {note}", err=True))
+    except Invalid as e:  # the label rows
         _fail(f"{entities}: {e}")
-    _write_table(frame, out, fmt)
-    n_missing = int(frame["embedding"].isna().sum()) if "embedding" in frame else 0
-    typer.echo(f"wrote {len(frame):,} rows to {out} ({n_missing:,} without an embedding)")
+    except ServiceError as e:
+        _service_error(e)
+    _write_table(result.frame, out, fmt)
+    typer.echo(f"wrote {len(result.frame):,} rows to {out} "
+               f"({result.without_embedding:,} without an embedding)")
 
 
 def _write_table(frame: pd.DataFrame, out: Path, fmt: str) -> None:
@@ -460,38 +496,97 @@ def fm_gc(version: str, repo: RepoOpt = None) -> None:
     """Delete a RETIRED version for good: its online rows, offline files, checkpoint and view
     (`feast apply`); refused for an active version. The manifest keeps a tombstone, so the
     name is never given to another model."""
-    from store_bridge.repo import FeastApplyError, FeatureRepo
-    from store_bridge.versions import VersionError, gc, get_version
+    from api.services import lifecycle
+    from api.services.errors import ServiceError
+    from store_bridge.repo import view_name
 
-    settings = _settings(repo)
-    fr = FeatureRepo(settings.repo)
     try:
-        get_version(fr, version)  # before reading expert configs or starting Redis
-        rep = gc(fr, version, lambda: _redis(settings), pinned_by=_pinned_by(settings, version))
-    except (VersionError, FeastApplyError) as e:
-        _fail(str(e))
+        rep = lifecycle.gc(_context(_settings(repo)), version)
+    except ServiceError as e:
+        _service_error(e)
     typer.echo(
         f"gc {version}: {rep.online_rows:,} online rows, {rep.offline_files:,} offline files, "
-        f"checkpoint {'removed' if rep.checkpoint_removed else 'absent'}; view fm_tae_{version} gone"
+        f"checkpoint {'removed' if rep.checkpoint_removed else 'absent'}; "
+        f"view {view_name(version)} gone"
     )
 
 
 @fm_app.command("export")
 def fm_export(
     checkpoint: Annotated[Path, typer.Argument(help="FM checkpoint (.pt) from training")],
-    out: Annotated[Path, typer.Argument(help="where to write the serving artifact")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="file to write the serving artifact to; its folder must exist. "
+                            "Never the checkpoint itself nor a file the repo's manifest "
+                            "references (a published checkpoint or serving artifact)"),
+    ],
+    repo: RepoOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="overwrite OUT if it exists (never a protected file)")
+    ] = False,
 ) -> None:
     """Write the pruned serving artifact (TAE path only: no task heads, no alignment modules,
-    no optimizer state); print parameter counts and file sizes of both."""
+    no optimizer state); print parameter counts and file sizes of both. An existing OUT is
+    kept unless --force; the files of published versions are never overwritten."""
+    import zipfile
+
+    # The cheap checks first: torch (seconds to import) only once they pass.
+    if not checkpoint.exists():
+        _fail(f"checkpoint not found: {checkpoint}")
+    if not checkpoint.is_file():
+        _fail(f"checkpoint {checkpoint} is not a file")
+    if not zipfile.is_zipfile(checkpoint):  # torch.save always writes a zip archive
+        _fail(f"{checkpoint} is not an FM checkpoint (not a PyTorch archive)")
+    if out.is_dir():
+        _fail(f"OUT {out} is a folder; give the artifact's file name, e.g. {out / 'serving.pt'}")
+    if not out.parent.is_dir():
+        _fail(f"OUT folder does not exist: {out.parent}")
+    resolved = out.resolve()
+    if resolved == checkpoint.resolve() or (out.exists() and os.path.samefile(out, checkpoint)):
+        _fail(f"OUT {out} is the checkpoint being exported; write the artifact elsewhere")
+    owner = _manifest_file(resolved, repo)
+    if owner:
+        _fail(f"OUT {out} is {owner}; write the artifact elsewhere")
+    if out.exists() and not force:
+        _fail(f"OUT {out} already exists; pass --force to overwrite it")
+
     from fm.export import export_serving, format_export_report
 
-    if not checkpoint.is_file():
-        _fail(f"checkpoint not found: {checkpoint}")
     try:
         report = export_serving(checkpoint, out)
-    except ValueError as e:
-        _fail(f"{checkpoint}: {e}")
+    except ValueError as e:  # CheckpointError: one line naming the file
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e}")
     typer.echo(format_export_report(report))
+
+
+def _manifest_file(path: Path, repo: Path | None) -> str | None:
+    """What the repo's manifest keeps at `path` (resolved), e.g. "v1's published checkpoint",
+    or None. The repo is --repo (which must be a Feast repo) or $FOUNDEX_REPO / feature_repo,
+    where a missing repo or manifest protects nothing."""
+    import yaml
+
+    from store_bridge.repo import FeatureRepo
+
+    root = _settings(repo).repo if repo is not None else Settings().repo
+    feature_repo = FeatureRepo(root)
+    if not feature_repo.manifest_path.is_file():
+        return None
+    try:
+        manifest = feature_repo.load_manifest()
+    except (OSError, ValueError, yaml.YAMLError) as e:  # refuse rather than guess
+        _fail(f"cannot read {feature_repo.manifest_path}: {type(e).__name__}")
+    for v in manifest.versions.values():
+        for what, name in (("published checkpoint", v.checkpoint),
+                           ("serving artifact", v.serving_artifact)):
+            if not name:
+                continue
+            kept = (feature_repo.data / name).resolve()
+            # the same inode also catches a hard link to the published file
+            if kept == path or (path.exists() and kept.exists() and os.path.samefile(kept, path)):
+                return f"FM version {v.version}'s {what}"
+    return None
 
 
 @bench_app.command("fm")
@@ -604,7 +699,8 @@ def paper_tables_cmd(
     """The paper's four tables (UE/TAE vs no-FM, FM small->large with TR, unseen tasks, expert
     vs one-stage FLOPs) over several seeds, in memory; a markdown report and PNG plots, then
     one JSON object as the last line."""
-    from experts.paper_tables import DATASETS, DataError, run
+    from experts.paper.data import DATASETS, DataError
+    from experts.paper.tables import run
 
     if data not in DATASETS:
         raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from api.services.context import ServiceContext
+from api.services.offline import log_impressions
+from api.settings import Settings
 from experts import (
     ExpertConfig,
     add_recent_history,
@@ -35,10 +38,7 @@ from store_bridge.events.files import write_dataset
 from store_bridge.events.schema import EVENT_TIMESTAMP, time_windows
 from store_bridge.events.synthetic import SyntheticConfig, generate
 from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
-from store_bridge.fm_tier import load_tae_function
-from store_bridge.logging_tier import LogReport, log_version, prepare_impressions
-from store_bridge.online import RedisEmbeddingStore
-from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
+from store_bridge.logging_tier import LogReport
 from store_bridge.repo import FeatureRepo, feast_apply
 from store_bridge.training_set import expert_training_set
 from store_bridge.versions import publish
@@ -152,9 +152,10 @@ def run_demo(
     bars (ours and Feast's) are drawn only when `progress` is set and stderr is a terminal;
     otherwise nothing with carriage returns or ANSI codes is printed, so logs stay plain.
     """
-    import os
-
-    os.environ[FEAST_ENV] = feast_connection_string(redis_url)
+    # One context for the run: the logging stage's store (a long timeout: bulk writes) and
+    # Feast's store for materialisation, given the Redis address without exporting it.
+    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url), redis_url,
+                         redis_timeout_s=30)
     bars = progress and _is_tty(sys.stderr)
     clock: dict[str, float] = {}
     t = time.perf_counter()
@@ -175,6 +176,10 @@ def run_demo(
         say(f"    done in {time.perf_counter() - stage_start:.1f}s")
 
     stage(1)
+    earlier = repo.load_manifest().versions if repo.manifest_path.exists() else {}
+    if earlier:  # the demo starts afresh; say so rather than wipe published versions silently
+        say(f"    starting afresh: removing FM versions {', '.join(earlier)}, their experts "
+            f"and data from {repo.path}")
     reset_state(repo, redis_url)
     events, items, spec = generate(size.synthetic)
     write_dataset(repo.events_dir, events, items, spec)
@@ -216,26 +221,22 @@ def run_demo(
     done()
 
     stage(3)
-    store = RedisEmbeddingStore(redis_client(redis_url, timeout=30), repo.project)
     histories = UserHistories.from_events(events, spec.surfaces)
     logged = events[events[EVENT_TIMESTAMP] >= fm_end]
-    impressions = prepare_impressions(logged)
-    for entry in versions.values():
-        rep = log_version(
-            repo, store, entry.version, load_tae_function(repo, entry, histories), impressions,
-            progress=bars,
-        )
+
+    def logged_one(rep: LogReport) -> None:
         report.logging.append(rep)
-        say(f"    {entry.version}: {rep.rows:,} rows, {rep.rows_per_s:,.0f} rows/s")
+        say(f"    {rep.version}: {rep.rows:,} rows, {rep.rows_per_s:,.0f} rows/s")
+
+    log_impressions(ctx, logged, versions=versions.values(), histories=histories,
+                    progress=bars, on_report=logged_one)
     lap("logging")
     done()
 
     stage(4)
     end = windows["eval"][1]
     write_user_history(repo, events, end)
-    from feast import FeatureStore
-
-    fs = FeatureStore(repo_path=str(repo.path))
+    fs = ctx.feature_store
     # Feast prints colour codes to stdout and draws a tqdm bar on stderr: kept only where
     # they land on a terminal and bars are wanted.
     with warnings.catch_warnings(), _quiet(not (bars and _is_tty(sys.stdout)), not bars):
@@ -302,8 +303,16 @@ def run_demo(
         report.fm_ne[v] = evaluate_fm(model, events, model.config, *windows["eval"])
     lap("fm_eval")
     done()
+    ctx.close()
     report.seconds = clock
     return report
+
+
+TR_NOTE = (
+    "TR = (NE(expert on FM1) - NE(expert on FM2)) / (NE(FM1) - NE(FM2)): the share of the FM's\n"
+    "gain that reaches the expert (the paper reports 0.64-1.0); n/a where the second FM is not\n"
+    "better than the first, '-' where the FM has no head for the task."
+)
 
 
 def ne_table(report: DemoReport) -> str:
@@ -331,10 +340,15 @@ def ne_table(report: DemoReport) -> str:
         cells += [fmt(report.fm_ne[v].get(task, float("nan"))) for v in versions]
         if tr_cols:
             v1, v2 = versions
-            tr = transfer_ratio(
-                report.expert_ne[pinned[v1]][task], report.expert_ne[pinned[v2]][task],
-                report.fm_ne[v1].get(task, float("nan")), report.fm_ne[v2].get(task, float("nan")),
-            )
-            cells.append(fmt(tr))
+            fm1 = report.fm_ne[v1].get(task, float("nan"))
+            fm2 = report.fm_ne[v2].get(task, float("nan"))
+            if fm2 < fm1:
+                tr = transfer_ratio(
+                    report.expert_ne[pinned[v1]][task], report.expert_ne[pinned[v2]][task],
+                    fm1, fm2,
+                )
+                cells.append(fmt(tr))
+            else:  # the second FM is not better: a ratio of two regressions says nothing
+                cells.append("-" if fm1 != fm1 or fm2 != fm2 else "n/a")
         lines.append(f"| {task}{mark} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

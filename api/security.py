@@ -37,7 +37,7 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 async def require_read(request: Request, creds: Credentials) -> None:
-    settings = request.app.state.serving.settings
+    settings = request.app.state.context.settings
     if settings.read_token is None:
         return
     if creds is None:
@@ -48,7 +48,7 @@ async def require_read(request: Request, creds: Credentials) -> None:
 
 
 async def require_admin(request: Request, creds: Credentials) -> None:
-    settings = request.app.state.serving.settings
+    settings = request.app.state.context.settings
     if settings.admin_token is None:
         raise HTTPException(403, "admin API disabled: set FOUNDEX_ADMIN_TOKEN to enable it")
     if creds is None:
@@ -72,16 +72,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await _send_error(send, 400, "invalid Content-Length header")
-                    return
-                if declared > self.max_bytes:
-                    await _send_error(send, 413, self._message())
-                    return
+        refused = self._refuse_declared(scope)
+        if refused is not None:
+            await _send_error(send, *refused)
+            return
         seen = 0
         started = False
 
@@ -105,6 +99,18 @@ class BodySizeLimit:
         except _TooLarge:
             if not started:
                 await _send_error(send, 413, self._message())
+
+    def _refuse_declared(self, scope) -> tuple[int, str] | None:
+        """(status, detail) when the declared Content-Length is invalid or too large."""
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return 400, "invalid Content-Length header"
+                if declared > self.max_bytes:
+                    return 413, self._message()
+        return None
 
     def _message(self) -> str:
         return f"request body too large: at most {self.max_bytes} bytes"

@@ -18,9 +18,10 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from store_bridge.events.schema import EVENT_TIMESTAMP, as_microseconds, timestamps_us
-from store_bridge.online import EmbeddingStore
+from fm.timefeatures import timestamps_us
+from store_bridge.events.schema import EVENT_TIMESTAMP
 from store_bridge.repo import FeatureRepo
+from store_bridge.training_set import _key_column, label_timestamps
+
+if TYPE_CHECKING:  # the online store loads Feast's protobufs: not for input checks
+    from store_bridge.online import EmbeddingStore
 
 log = logging.getLogger("foundex.store.logging")
 
@@ -98,16 +103,49 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_impressions(impressions: pd.DataFrame) -> pd.DataFrame:
-    """Validate and normalise impression rows; one row per (user, item, time).
+def prepare_impressions(
+    impressions: pd.DataFrame,
+    surfaces: list[str] | None = None,
+    *,
+    on_note: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Validate and normalise impression rows -> one row per (user, item, time), sorted by
+    time, event_timestamp as datetime64[us, UTC].
 
-    Needs user_id, item_id, event_timestamp, surface (other columns, `hour` included, are
-    dropped: the FM derives time features from the timestamp). ValueError names what lacks."""
+    Needs user_id, item_id (whole numbers), event_timestamp, surface (one of `surfaces` when
+    given: the dataset's, which every loadable FM version shares). Other columns, `hour`
+    included, are dropped: the FM derives time features from the timestamp. Times follow the
+    training-set rules (`store_bridge.training_set.label_timestamps`): naive times are UTC
+    (`on_note` hears so), epoch numbers and times outside 1970-01-01 .. 2262-04-10 are
+    refused. Raises ValueError (one line naming the column, and the first bad row where
+    there is one)."""
     missing = [c for c in IMPRESSION_COLUMNS if c not in impressions.columns]
     if missing:
-        raise ValueError(f"impressions lack columns: {missing}")
-    imp = impressions[IMPRESSION_COLUMNS].copy()
-    imp[EVENT_TIMESTAMP] = as_microseconds(imp[EVENT_TIMESTAMP])
+        raise ValueError(
+            f"impressions lack columns {missing} (have: {list(impressions.columns)})"
+        )
+    imp = impressions[IMPRESSION_COLUMNS].reset_index(drop=True)
+    # The id checks of training sets: a NaN or a string id would otherwise be cast to
+    # garbage (NaN -> -2**63) and logged.
+    for col in ("user_id", "item_id"):
+        imp[col] = _key_column(imp, col)
+    imp[EVENT_TIMESTAMP], note = label_timestamps(imp[EVENT_TIMESTAMP])
+    surface = imp["surface"]
+    if surface.isna().any():
+        raise ValueError(
+            f"surface is missing on {int(surface.isna().sum()):,} rows "
+            f"(first: row {int(np.argmax(surface.isna().to_numpy()))})"
+        )
+    if surfaces is not None:
+        bad = ~surface.isin(surfaces).to_numpy()
+        if bad.any():
+            unknown = sorted({str(v) for v in surface[bad]})
+            raise ValueError(
+                f"surface values {unknown} are not ones the FM versions know (first: row "
+                f"{int(np.argmax(bad))}; known: {list(surfaces)})"
+            )
+    if note and on_note is not None:
+        on_note(note)
     imp = imp.drop_duplicates(["user_id", "item_id", EVENT_TIMESTAMP])
     return imp.sort_values([EVENT_TIMESTAMP, "user_id", "item_id"], kind="stable").reset_index(
         drop=True

@@ -1,4 +1,8 @@
-"""FM version lifecycle: publish a checkpoint as a version, list, retire, garbage-collect.
+"""FM versions: `VersionRegistry` is the one owner of their rules (lookup, the view name,
+which experts pin a version, pin checks, and the lifecycle: publish, retire, garbage-collect).
+The module functions `publish`, `get_version`, `retire` and `gc` are its implementation and
+thin entry points; everything else (Manifest.check_pin, expert configs, Feast objects, the
+API and CLI) asks the registry.
 
 Publishing copies the checkpoint under `data/checkpoints/`, records it in the manifest and runs
 `feast apply`, which registers the version's own `fm_tae_<version>` view. Retiring marks it in
@@ -13,6 +17,7 @@ checks pass, so a wrong argument fails in a fraction of a second.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import zipfile
@@ -20,6 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from store_bridge.repo import (
     VERSION_RE,
@@ -29,7 +37,25 @@ from store_bridge.repo import (
     Manifest,
     feast_apply,
     now_iso,
+    view_name,
 )
+
+__all__ = [
+    "VERSION_RE",
+    "DuplicateCheckpoint",
+    "GCReport",
+    "PinError",
+    "UnknownVersion",
+    "VersionError",
+    "VersionPinned",
+    "VersionRegistry",
+    "gc",
+    "get_version",
+    "parse_time",
+    "parse_window",
+    "publish",
+    "retire",
+]
 
 # The Redis URL, or a callable giving it (called once the cheap checks have passed).
 RedisURL = str | Callable[[], str]
@@ -50,6 +76,32 @@ class VersionError(ValueError):
 
 class DuplicateCheckpoint(VersionError):
     """The checkpoint is already published as a version (same sha256)."""
+
+
+class UnknownVersion(VersionError):
+    """No usable version by that name: malformed, never published, or deleted by gc.
+
+    `version` is the name asked for; `deleted_at` is when gc deleted it (None otherwise)."""
+
+    def __init__(self, message: str, version: str, deleted_at: str | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+        self.deleted_at = deleted_at
+
+
+class PinError(VersionError):
+    """An expert's pin that cannot be served: unknown or deleted version, a retired one, or
+    another embedding width than the expert's model expects. Messages start with "pins" or
+    "expects" so that callers prefix the expert (`expert feed_v2 pins ...`)."""
+
+
+class VersionPinned(VersionError):
+    """A retire (without force) or gc of a version that experts pin; `experts` names them."""
+
+    def __init__(self, message: str, version: str, experts: list[str]) -> None:
+        super().__init__(message)
+        self.version = version
+        self.experts = experts
 
 
 def _url(redis_url: RedisURL) -> str:
@@ -110,8 +162,6 @@ def find_duplicate(manifest: Manifest, digest: str) -> FMVersion | None:
 
 
 def _digest(path: Path) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -132,11 +182,15 @@ def publish(
     """Publish `checkpoint` as the next version (one past any name ever used) and apply.
 
     `training_window` is two ISO 8601 times, stored normalised to UTC (see `parse_window`).
-    Raises VersionError (one line) for a missing or foreign checkpoint file, a bad window,
+    Raises VersionError (one line) for a missing or foreign checkpoint file, a serving
+    artifact (`foundex fm export`'s output: publish its training checkpoint), a bad window,
     a TTL below one second; DuplicateCheckpoint (a VersionError), unless `allow_duplicate`,
     for a checkpoint whose digest an active or retired version already has (the message
-    names it); FeastApplyError when
-    `feast apply` fails.
+    names it); FeastApplyError when `feast apply` fails.
+
+    The checkpoint is read once for its digest and loaded once (the copy under
+    data/checkpoints/ has the same bytes, so the same digest; the serving artifact is written
+    from the loaded model).
     """
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -155,13 +209,24 @@ def publish(
             f"{digest[:12]}); allow duplicates (CLI --allow-duplicate, REST "
             '"allow_duplicate": true) to publish it again under a new version'
         )
-    from fm import load_checkpoint  # torch: only once the cheap checks have passed
-    from fm.export import export_serving
+    # torch: only once the cheap checks have passed
+    from fm.checkpoint import load_checkpoint
+    from fm.export import write_serving
 
     try:
-        model, _ = load_checkpoint(checkpoint)
+        model, extra = load_checkpoint(checkpoint)
     except ValueError as e:  # fm.checkpoint's one-line CheckpointError
         raise VersionError(str(e)) from None
+    if model.main_head is None:
+        # A serving artifact has no heads and its digest is not its model's: publishing it
+        # would give one model two versions. Publish writes its own artifact anyway.
+        source = str(extra.get("source_digest", ""))
+        of = find_duplicate(manifest, source) if source else None
+        origin = (f"exported from {of.version}'s checkpoint, digest {source[:12]}" if of
+                  else f"exported from digest {source[:12]}" if source else "no task heads")
+        raise VersionError(
+            f"{checkpoint} is a serving artifact ({origin}); publish the training checkpoint"
+        )
     url = _url(redis_url)
     version = manifest.next_version()
     repo.checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -169,13 +234,13 @@ def publish(
     shutil.copyfile(checkpoint, target)
     # Logging and serving load only the TAE path: no task heads, no alignment modules.
     serving = repo.checkpoints_dir / f"{version}.serving.pt"
-    export_serving(target, serving)
+    write_serving(model, extra, serving, source_digest=digest)
     entry = FMVersion(
         version=version,
         dim=model.config.d_model,
         checkpoint=str(target.relative_to(repo.data)),
         serving_artifact=str(serving.relative_to(repo.data)),
-        digest=_digest(target),
+        digest=digest,
         training_window=window,
         ttl_seconds=ttl_seconds,
         created_at=now_iso(),
@@ -188,36 +253,23 @@ def publish(
 
 
 def get_version(repo: FeatureRepo, version: str) -> FMVersion:
-    """The manifest entry of `version`. Raises VersionError (one line) for a malformed name,
-    a version that gc deleted (with when), or one never published (with the known ones)."""
-    if not VERSION_RE.match(version):
-        raise VersionError(f"{version!r} is not an FM version name (v1, v2, ...)")
-    manifest = repo.load_manifest()
-    if version in manifest.versions:
-        return manifest.versions[version]
-    if version in manifest.deleted:
-        raise VersionError(
-            f"FM version {version} was deleted by gc on {manifest.deleted[version].deleted_at}"
-        )
-    known = ", ".join(sorted(manifest.versions)) or "none"
-    raise VersionError(f"unknown FM version {version!r} (known: {known})")
+    """`VersionRegistry(repo).get(version)`: raises UnknownVersion (a VersionError)."""
+    return VersionRegistry(repo).get(version)
 
 
 def retire(
-    repo: FeatureRepo, version: str, redis_url: RedisURL, *, pinned_by: list[str],
+    repo: FeatureRepo, version: str, redis_url: RedisURL, *, pinned_by: list[str] | None = None,
     force: bool = False,
 ) -> FMVersion:
-    """Mark `version` retired and apply. Raises VersionError for an unknown version or, unless
-    `force`, one that experts pin (named)."""
-    entry = get_version(repo, version)
-    if pinned_by and not force:
-        raise VersionError(
-            f"FM version {version} is pinned by experts {', '.join(sorted(pinned_by))}; "
-            "re-pin them first or pass --force"
-        )
+    """`VersionRegistry(repo).retire(...)`: raises UnknownVersion, or VersionPinned (unless
+    `force`) when experts pin it (`pinned_by`, or else the repo's expert configs)."""
+    return VersionRegistry(repo).retire(version, redis_url, force=force, pinned_by=pinned_by)
+
+
+def _retire(repo: FeatureRepo, version: str, redis_url: RedisURL) -> FMVersion:
     url = _url(redis_url)
     manifest = repo.load_manifest()
-    manifest.versions[version] = entry.model_copy(update={"status": "retired"})
+    manifest.versions[version] = manifest.versions[version].model_copy(update={"status": "retired"})
     repo.save_manifest(manifest)
     feast_apply(repo, url)
     return manifest.versions[version]
@@ -231,28 +283,25 @@ class GCReport:
     checkpoint_removed: bool
 
 
-def gc(repo: FeatureRepo, version: str, redis_url: RedisURL, *, pinned_by: list[str]) -> GCReport:
+def gc(
+    repo: FeatureRepo, version: str, redis_url: RedisURL, *, pinned_by: list[str] | None = None
+) -> GCReport:
     """Delete a retired version: online rows, offline files, checkpoint, view; the manifest
     entry becomes a tombstone under `deleted`, so the name is never reused.
 
     Refused for an active version and for one an expert still pins (a forced retire), since
     `feast apply` could not build that expert's FeatureService without the view. Each step is
     safe to repeat, and the manifest entry moves only after the data is gone, so a gc that dies
-    half-way is finished by running it again.
+    half-way is finished by running it again. See `VersionRegistry.gc`.
     """
-    entry = get_version(repo, version)
-    if entry.status != "retired":
-        raise VersionError(
-            f"FM version {version} is {entry.status}; retire it first (foundex fm retire {version})"
-        )
-    if pinned_by:
-        raise VersionError(
-            f"FM version {version} is still pinned by experts {', '.join(sorted(pinned_by))}; "
-            "re-pin or remove them before gc"
-        )
+    return VersionRegistry(repo).gc(version, redis_url, pinned_by=pinned_by)
+
+
+def _gc(repo: FeatureRepo, entry: FMVersion, redis_url: RedisURL) -> GCReport:
     from store_bridge.online import RedisEmbeddingStore  # imports Feast's protos: seconds
     from store_bridge.redis_server import redis_client
 
+    version = entry.version
     url = _url(redis_url)
     store = RedisEmbeddingStore(redis_client(url, timeout=30), repo.project)
     online = store.delete_version(version)
@@ -277,3 +326,175 @@ def gc(repo: FeatureRepo, version: str, redis_url: RedisURL, *, pinned_by: list[
     # The view leaves the registry; Feast's apply also deletes the view's online rows itself.
     feast_apply(repo, url)
     return GCReport(version, online, files, removed)
+
+
+class VersionRegistry:
+    """The one owner of FM versions: lookup, view names, pins and the lifecycle.
+
+    Built from a FeatureRepo, it reads the manifest afresh on every question (another process
+    may publish or retire meanwhile); built with `manifest=` it answers from that snapshot
+    (pin checks of an in-memory manifest need no repo, but then pinned-by and the lifecycle
+    are unavailable).
+    """
+
+    def __init__(self, repo: FeatureRepo | None = None, *, manifest: Manifest | None = None):
+        if repo is None and manifest is None:
+            raise TypeError("VersionRegistry needs a repo or a manifest")
+        self.repo = repo
+        self._snapshot = manifest
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._snapshot is not None:
+            return self._snapshot
+        return self._repo.load_manifest()
+
+    @property
+    def _repo(self) -> FeatureRepo:
+        if self.repo is None:
+            raise TypeError("this VersionRegistry holds a manifest only, no repo")
+        return self.repo
+
+    # ---- lookup ---------------------------------------------------------------------------
+
+    @staticmethod
+    def view_name(version: str) -> str:
+        """The Feast feature view holding `version`'s TAEs (`fm_tae_<version>`)."""
+        return view_name(version)
+
+    def versions(self) -> list[FMVersion]:
+        """Every published version (active and retired), in publishing order."""
+        return sorted(self.manifest.versions.values(), key=lambda v: int(v.version[1:]))
+
+    def active(self) -> list[FMVersion]:
+        return [v for v in self.versions() if v.status == "active"]
+
+    def get(self, version: str) -> FMVersion:
+        """The manifest entry of `version` (active or retired).
+
+        Raises UnknownVersion (one line): for a malformed name, "'x' is not an FM version name
+        (v1, v2, ...)"; for one gc deleted, "FM version v2 was deleted by gc on <when>"; for
+        one never published, "unknown FM version 'v9' (known: v1, v2)".
+        """
+        return self._get(self.manifest, version)
+
+    @staticmethod
+    def _get(manifest: Manifest, version: str) -> FMVersion:
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise UnknownVersion(f"{version!r} is not an FM version name (v1, v2, ...)", str(version))
+        if version in manifest.versions:
+            return manifest.versions[version]
+        if version in manifest.deleted:
+            when = manifest.deleted[version].deleted_at
+            raise UnknownVersion(f"FM version {version} was deleted by gc on {when}", version, when)
+        known = ", ".join(sorted(manifest.versions, key=lambda v: int(v[1:]))) or "none"
+        raise UnknownVersion(f"unknown FM version {version!r} (known: {known})", version)
+
+    # ---- pins -----------------------------------------------------------------------------
+
+    def check_pin(
+        self, version: str, expected_dim: int | None = None, *, active: bool = True
+    ) -> FMVersion:
+        """The entry an expert pinning `version` is served from, after the pin checks.
+
+        Raises PinError (one line each): "pins unknown FM version 'v9' (known: ...)",
+        "pins FM version 'v2', which was deleted by gc on <when> (active: ...)",
+        "pins FM version 'v1', which is retired (active: ...)" (only when `active`),
+        "expects 32-d embeddings but FM version 'v2' is 64-d" (when `expected_dim` is given).
+        """
+        manifest = self.manifest
+        actives = ", ".join(v.version for v in manifest.active()) or "none"
+        try:
+            entry = self._get(manifest, version)
+        except UnknownVersion as e:
+            if e.deleted_at is None:
+                raise PinError(f"pins {e}") from None
+            raise PinError(
+                f"pins FM version {version!r}, which was deleted by gc on {e.deleted_at} "
+                f"(active: {actives})"
+            ) from None
+        if active and entry.status != "active":
+            raise PinError(
+                f"pins FM version {version!r}, which is {entry.status} (active: {actives})"
+            )
+        if expected_dim is not None and expected_dim != entry.dim:
+            raise PinError(
+                f"expects {expected_dim}-d embeddings but FM version {version!r} is {entry.dim}-d"
+            )
+        return entry
+
+    def pins(self) -> dict[str, str | None]:
+        """expert name -> the FM version its config pins (None: the no-FM baseline).
+
+        Read from the `name` and `fm_version` fields of every config file in the repo's
+        experts dir, without validating the rest (that is experts.config's job, and
+        store_bridge does not import experts). Raises VersionError naming a file that cannot
+        be read as a YAML mapping.
+        """
+        directory = self._repo.experts_dir
+        if not directory.is_dir():
+            return {}
+        out: dict[str, str | None] = {}
+        for path in sorted(directory.iterdir()):
+            if path.suffix not in (".yaml", ".yml"):
+                continue
+            try:
+                data = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError) as e:
+                raise VersionError(f"cannot read expert config {path}: {e}") from None
+            if not isinstance(data, dict):
+                raise VersionError(f"expert config {path} is not a mapping")
+            pin = data.get("fm_version")
+            out[str(data.get("name", path.stem))] = None if pin is None else str(pin)
+        return out
+
+    def pinned_by(self, version: str) -> list[str]:
+        """Names of the experts whose config pins `version`, sorted."""
+        return sorted(name for name, pin in self.pins().items() if pin == version)
+
+    def _refuse_pinned(self, version: str, pinned: list[str], hint: str) -> None:
+        # The one "pinned" refusal (retire without force, gc); `hint` says how to override
+        # it in the caller's terms (CLI flag or REST query).
+        if pinned:
+            raise VersionPinned(
+                f"FM version {version} is pinned by experts {', '.join(sorted(pinned))}; {hint}",
+                version, sorted(pinned),
+            )
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def publish(self, checkpoint: Path, redis_url: RedisURL, **kwargs: Any) -> FMVersion:
+        """Publish `checkpoint` as the next version; see `publish` for the keywords and errors."""
+        return publish(self._repo, checkpoint, redis_url, **kwargs)
+
+    def retire(
+        self,
+        version: str,
+        redis_url: RedisURL,
+        *,
+        force: bool = False,
+        pinned_by: list[str] | None = None,
+        force_hint: str = "re-pin them first or pass --force",
+    ) -> FMVersion:
+        """Mark `version` retired and apply. Raises UnknownVersion, or VersionPinned (unless
+        `force`) when experts pin it: `pinned_by`, or else the repo's expert configs."""
+        self.get(version)  # before reading expert configs or starting Redis
+        pinned = self.pinned_by(version) if pinned_by is None else list(pinned_by)
+        if not force:
+            self._refuse_pinned(version, pinned, force_hint)
+        return _retire(self._repo, version, redis_url)
+
+    def gc(
+        self, version: str, redis_url: RedisURL, *, pinned_by: list[str] | None = None
+    ) -> GCReport:
+        """Delete a retired version for good; see `gc`. Raises UnknownVersion, VersionError
+        for an active version, VersionPinned while experts still pin it."""
+        entry = self.get(version)
+        if entry.status != "retired":
+            raise VersionError(
+                f"FM version {version} is {entry.status}; retire it first "
+                f"(foundex fm retire {version})"
+            )
+        pinned = self.pinned_by(version) if pinned_by is None else list(pinned_by)
+        self._refuse_pinned(version, pinned, "re-pin or remove them before gc")
+        return _gc(self._repo, entry, redis_url)

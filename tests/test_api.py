@@ -145,4 +145,4 @@ def test_score_refuses_an_expert_re_pinned_to_another_width(demo_repo, redis_url
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post(f"/v1/experts/{name}/score", json={"user_id": 1, "item_ids": [1, 2]})
         assert r.status_code == 409, r.text
-        assert "pins FM v2 (64-d)" in r.json()["detail"] and "32-d" in r.json()["detail"]
+        assert "expects 32-d embeddings but FM version 'v2' is 64-d" in r.json()["detail"]

@@ -238,7 +238,7 @@ def test_every_error_answer_is_a_detail_string(served, demo_repo, redis_url, tmp
         for r in [c.post(LOOKUP, json={"user_id": 1, "item_ids": [1], "expert": name}),
                   c.post(f"/v1/experts/{name}/score", json={"user_id": 1, "item_ids": [1]})]:
             assert r.status_code == 409, r.text
-            assert f"expert {name!r} pins FM version 'v9'" in _detail(r)
+            assert f"expert {name!r} pins unknown FM version 'v9' (known: v1, v2)" in _detail(r)
         (path / "data" / "experts" / "broken.yaml").write_text("name: [unclosed\n")
         r = c.get("/v1/experts", headers={"X-Request-ID": "broken-1"})
         assert r.status_code == 500 and r.headers["x-request-id"] == "broken-1"
@@ -347,7 +347,8 @@ def test_unservable_rows_rule():
     """The REST edge's own guard (the store reports NaN/Inf rows already): rows outside
     `missing` with a non-finite value, or beyond the bound, are caught; missing rows are not
     reported twice."""
-    from api.app import F16_MAX, _unservable
+    from api.services.lookup import F16_MAX
+    from api.services.lookup import unservable as _unservable
 
     m = np.array([[1.0, 2.0], [np.nan, 0.0], [np.inf, 0.0], [-np.inf, 1.0], [70000.0, 0.0],
                   [65504.0, -65504.0], [np.nan, np.nan]], dtype=np.float32)

@@ -41,3 +41,23 @@ def test_stages_match_the_readme():
     section = readme.split("## What `foundex demo` does", 1)[1].split("\n## ", 1)[0]
     steps = re.findall(r"^(\d+)\. ", section, flags=re.MULTILINE)
     assert steps == [str(i) for i in range(1, len(STAGES) + 1)]
+
+
+def test_transfer_ratio_is_na_when_the_second_fm_is_not_better():
+    """TR is a ratio of two NE gains: where the larger FM is worse, it is shown as n/a rather
+    than as the (meaningless) ratio of two regressions."""
+    from api.pipeline import DemoReport, ne_table
+
+    report = DemoReport(
+        windows={},
+        fm_ne={"v1": {"click": 0.90, "like": 0.95}, "v2": {"click": 0.80, "like": 0.97}},
+        expert_ne={"e1": {"click": 0.92, "like": 0.96, "hide": 0.99},
+                   "e2": {"click": 0.86, "like": 0.98, "hide": 0.98}},
+        experts={"e1": "v1", "e2": "v2"},
+        unseen_tasks=["hide"],
+    )
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+            for line in ne_table(report).splitlines()[2:]}
+    assert rows["click"] == "0.6000"  # (0.92 - 0.86) / (0.90 - 0.80)
+    assert rows["like"] == "n/a"  # FM v2 is worse on like: 0.97 > 0.95
+    assert rows["hide (unseen by FM)"] == "-"  # no FM head

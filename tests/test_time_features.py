@@ -268,8 +268,7 @@ def test_logged_served_and_trained_taes_agree_for_one_instant(kuairand_fm, tmp_p
     with the request's datetime) store and serve the TAE training computed, hour included."""
     from conftest import copy_feature_repo
 
-    from api.fm_serving import FMTier
-    from store_bridge.fm_tier import load_tae_function, repo_histories
+    from store_bridge.fm_tier import FMTier, load_tae_function, repo_histories
     from store_bridge.logging_tier import log_version, prepare_impressions
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
@@ -316,18 +315,20 @@ def test_logged_served_and_trained_taes_agree_for_one_instant(kuairand_fm, tmp_p
 def test_logging_partitions_far_and_pre_1970_instants_by_utc_day(tmp_path, redis_url):
     from conftest import copy_feature_repo
 
-    from store_bridge.logging_tier import log_version, prepare_impressions
+    from store_bridge.logging_tier import log_version
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
     from store_bridge.repo import FeatureRepo
 
     repo = FeatureRepo(copy_feature_repo(tmp_path / "repo"))
     stamps = np.array([-1, 0, to_us(datetime(2500, 1, 1, 23, 59, 59, 999999))], np.int64)
-    imp = prepare_impressions(pd.DataFrame({
+    # Built as prepare_impressions's output: it now refuses such times at the input (the
+    # training-set range); the write path still partitions any instant by its UTC day.
+    imp = pd.DataFrame({
         "user_id": [1, 2, 3], "item_id": [4, 5, 6],
         "event_timestamp": pd.Series(stamps.astype("datetime64[us]")).dt.tz_localize("UTC"),
         "surface": ["feed"] * 3,
-    }))
+    })
 
     def fm(u, i, t, s):
         return np.ones((len(u), 4), np.float32) * t[:, None].astype(np.float32)

@@ -1,0 +1,113 @@
+"""FM version lifecycle as use-cases: list, publish, retire, gc. The version registry
+(`store_bridge.versions`) owns the rules; this module turns its errors into domain errors,
+so that both faces map them the same way (and a failed `feast apply` in one place)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.services.context import ServiceContext
+from api.services.errors import Conflict, Invalid, NotFound, Unavailable
+from store_bridge.repo import DeletedVersion, FeastApplyError, FMVersion
+from store_bridge.versions import (
+    DuplicateCheckpoint,
+    GCReport,
+    UnknownVersion,
+    VersionError,
+    VersionPinned,
+)
+
+
+@contextmanager
+def _domain_errors(other: type[Exception]) -> Iterator[None]:
+    """Registry errors -> domain errors: unknown -> NotFound, pinned or duplicate ->
+    Conflict, any other VersionError -> `other`, a failed `feast apply` -> Unavailable."""
+    try:
+        yield
+    except UnknownVersion as e:
+        raise NotFound(str(e)) from e
+    except (VersionPinned, DuplicateCheckpoint) as e:
+        raise Conflict(str(e)) from e
+    except VersionError as e:
+        raise other(str(e)) from e
+    except FeastApplyError as e:
+        text = str(e)
+        raise Unavailable(f"feast apply failed: {text.splitlines()[0] if text else ''}",
+                          details=text) from e
+
+
+@dataclass
+class Listed:
+    """One published version and the experts pinning it."""
+
+    entry: FMVersion
+    pinned_by: list[str]
+
+
+@dataclass
+class VersionListing:
+    versions: list[Listed]
+    deleted: list[DeletedVersion]
+
+
+def list_versions(ctx: ServiceContext) -> VersionListing:
+    """Published versions (manifest order) with the experts pinning each, then tombstones."""
+    manifest = ctx.manifest()
+    pins = ctx.registry().pins() if manifest.versions else {}
+    listed = [Listed(v, sorted(n for n, p in pins.items() if p == v.version))
+              for v in manifest.versions.values()]
+    return VersionListing(listed, list(manifest.deleted.values()))
+
+
+def publish(
+    ctx: ServiceContext, checkpoint: Path, *, training_window: tuple[str, str],
+    ttl_seconds: int, description: str = "", allow_duplicate: bool = False,
+) -> FMVersion:
+    """Publish a checkpoint as the next version and apply. Raises Conflict (already
+    published), Invalid (a bad file, a serving artifact, window or TTL), Unavailable (feast
+    apply failed)."""
+    with _domain_errors(Invalid):
+        try:
+            return ctx.registry().publish(
+                Path(checkpoint), lambda: ctx.redis_url, training_window=training_window,
+                ttl_seconds=ttl_seconds, description=description,
+                allow_duplicate=allow_duplicate,
+            )
+        except (ValueError, OSError) as e:
+            if isinstance(e, VersionError):
+                raise
+            raise VersionError(f"cannot publish {checkpoint}: {e}") from e
+
+
+@dataclass
+class Retired:
+    entry: FMVersion
+    pinned_by: list[str]  # experts that pinned it (non-empty only when forced)
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.pinned_by)
+
+
+def retire(ctx: ServiceContext, version: str, *, force: bool = False,
+           force_hint: str = "re-pin them first or pass --force") -> Retired:
+    """Mark a version retired and apply. Raises NotFound, Conflict (pinned and not
+    `force`, or not retirable), Unavailable. `force_hint` says how to override, in the
+    caller's terms."""
+    with _domain_errors(Conflict):
+        registry = ctx.registry()
+        registry.get(version)  # an unknown name fails before expert configs are read
+        pinned = registry.pinned_by(version)
+        entry = registry.retire(version, lambda: ctx.redis_url, force=force, pinned_by=pinned,
+                                force_hint=force_hint)
+    return Retired(entry, pinned)
+
+
+def gc(ctx: ServiceContext, version: str) -> GCReport:
+    """Delete a retired version for good. Raises NotFound, Conflict (active, or pinned),
+    Unavailable."""
+    with _domain_errors(Conflict):
+        return ctx.registry().gc(version, lambda: ctx.redis_url)

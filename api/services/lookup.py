@@ -1,0 +1,267 @@
+"""Lookup and score: a version's TAEs read from the online store, missing rows computed by the
+FM tier (read-through) and written back, and an expert's scores over them.
+
+What happened on the way (rows unusable, read-through skipped, a failed write-back) is
+returned in `LookupStats`; the REST face turns it into metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+
+from api.services.context import ServiceContext, as_int_array
+from api.services.errors import Invalid, StoreUnavailable
+from experts import ExpertConfig, predict
+from fm.timefeatures import to_us
+from store_bridge.online import EmbeddingRows
+from store_bridge.repo import FMVersion
+
+log = logging.getLogger("foundex.api")
+
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: beyond it a value would become inf in f16
+
+
+@dataclass
+class LookupStats:
+    """Counts for the metrics: rows by source, unusable rows by reason, read-through skips by
+    reason, and failed write-backs."""
+
+    stored: int = 0
+    computed: int = 0
+    missing: int = 0
+    unusable: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    write_errors: int = 0
+
+
+@dataclass
+class Embeddings:
+    """One version's TAEs of the candidates: `matrix` float32 [n, dim] (missing rows NaN),
+    `missing` and `computed` ascending, disjoint indices into the candidates."""
+
+    version: FMVersion
+    matrix: np.ndarray
+    missing: list[int]
+    computed: list[int]
+    stats: LookupStats
+
+
+@dataclass
+class Scores:
+    """An expert's scores: `scores` float [n, n_tasks]; indices scored without a TAE
+    (`missing`) and with one computed now (`computed`); `stats` None for an expert without
+    FM embeddings (nothing was looked up)."""
+
+    expert: ExpertConfig
+    scores: np.ndarray
+    missing: list[int]
+    computed: list[int]
+    stats: LookupStats | None
+
+
+def check_size(ctx: ServiceContext, item_ids: list[int]) -> None:
+    """Invalid when there are more candidates than settings.max_candidates."""
+    if len(item_ids) > ctx.settings.max_candidates:
+        raise Invalid(
+            f"item_ids has {len(item_ids)} entries; at most {ctx.settings.max_candidates}"
+        )
+
+
+def lookup(
+    ctx: ServiceContext,
+    user_id: int,
+    item_ids: list[int],
+    *,
+    fm_version: str | None = None,
+    expert: str | None = None,
+    surface: str | None = None,
+    limit: float = math.inf,
+) -> Embeddings:
+    """The TAEs of one version (named, or the one `expert` pins) for a user's candidates.
+
+    The surface for read-through is the one given, else the expert's, else the FM's first
+    (the last chosen in `_read_through`, the only place that knows the FM's surfaces). Rows beyond +-limit (F16_MAX for a float16 answer) are
+    reported missing. Raises NotFound (unknown version/expert), Conflict (an expert pins a
+    version the manifest lacks), Invalid (too many candidates, an expert without FM, a
+    surface the FM lacks), StoreUnavailable.
+    """
+    check_size(ctx, item_ids)
+    if expert is not None:
+        cfg = ctx.expert(expert)
+        if cfg.fm_version is None:
+            raise Invalid(f"expert {cfg.name!r} uses no FM embeddings")
+        version = ctx.pinned_version(cfg)
+        surface = surface or cfg.surface
+    else:
+        version = ctx.version(fm_version or "")
+    return embeddings(ctx, version, user_id, as_int_array(item_ids), surface, limit=limit)
+
+
+def unservable(matrix: np.ndarray, missing: list[int], limit: float) -> list[int]:
+    """Rows outside `missing` that hold a non-finite value or one beyond +-limit, ascending."""
+    if math.isinf(limit):
+        fine = np.isfinite(matrix).all(axis=1)
+    else:  # NaN and Inf fail a finite bound too
+        fine = (np.abs(matrix) <= limit).all(axis=1)
+    fine[missing] = True
+    return np.flatnonzero(~fine).tolist()
+
+
+def embeddings(
+    ctx: ServiceContext,
+    version: FMVersion,
+    user_id: int,
+    items: np.ndarray,
+    surface: str | None,
+    *,
+    rows: EmbeddingRows | None = None,
+    surface_from_request: bool = True,
+    limit: float = math.inf,
+) -> Embeddings:
+    """One version's TAEs of `items` (int64 [n]) for a user.
+
+    Stored rows first (`rows`, when the caller read them already). Rows the store could not
+    decode or that hold NaN/Inf count as missing, so read-through computes them again and its
+    write-back replaces them. Whatever their source, rows holding a non-finite value or one
+    beyond +-limit are never served: reported missing. Raises StoreUnavailable, and Invalid
+    for a requested surface the FM lacks.
+    """
+    stats = LookupStats()
+    if rows is None:
+        rows = ctx.store.read(version.version, version.dim, user_id, items)
+    matrix, missing = rows.matrix, list(rows.missing)
+    if rows.undecodable:
+        stats.unusable["undecodable"] += len(rows.undecodable)
+    bad = unservable(matrix, missing, math.inf)  # the store reports these already: a guard
+    if bad:
+        stats.unusable["non_finite"] += len(bad)
+        matrix[bad] = np.nan
+        missing = sorted({*missing, *bad})
+    computed: list[int] = []
+    if missing and ctx.settings.read_through and version.status == "active":
+        matrix, missing, computed = _read_through(
+            ctx, stats, version, user_id, items, matrix, missing, surface,
+            surface_from_request=surface_from_request,
+        )
+    bad = unservable(matrix, missing, limit)
+    if bad:
+        n_finite = int(np.isfinite(matrix[bad]).all(axis=1).sum())
+        stats.unusable["f16_range"] += n_finite
+        stats.unusable["non_finite"] += len(bad) - n_finite
+        matrix[bad] = np.nan
+        missing = sorted({*missing, *bad})
+        dropped = set(bad)
+        computed = [i for i in computed if i not in dropped]
+    stats.stored = len(items) - len(missing) - len(computed)
+    stats.computed, stats.missing = len(computed), len(missing)
+    return Embeddings(version, matrix, missing, computed, stats)
+
+
+def _read_through(
+    ctx: ServiceContext, stats: LookupStats, version: FMVersion, user_id: int,
+    items: np.ndarray, matrix: np.ndarray, missing: list[int], surface: str | None, *,
+    surface_from_request: bool = True,
+) -> tuple[np.ndarray, list[int], list[int]]:
+    """Compute the missing rows with the same FM version, write them back, fill them in.
+
+    Only for users with history in the FM tier's event log: an unknown user's rows stay
+    missing and nothing is written, so requests cannot fill the online store with rows for
+    arbitrary ids (skipped "unknown_user"). Candidates outside the FM's vocabulary stay
+    missing too ("unknown_item").
+
+    A surface the FM does not know is the caller's error (Invalid) when the request named it;
+    when it is an expert's own surface, the stored rows are served as they are."""
+    nothing: tuple[np.ndarray, list[int], list[int]] = (matrix, missing, [])
+    try:
+        known = ctx.fm_tier.surfaces(version)  # loads the version's engine on first use
+    except Exception:  # an unreadable event log or checkpoint: serve what is stored
+        log.exception("read-through unavailable", extra={"fields": {"fm_version": version.version}})
+        return nothing
+    if known is None:
+        return nothing
+    if surface is None:
+        surface = known[0]  # neither the request nor an expert named one: the FM's first
+    elif surface not in known:
+        if not surface_from_request:
+            return nothing
+        raise Invalid(f"unknown surface {surface!r}; FM {version.version} knows {known}")
+    now_us = to_us(datetime.now(UTC))  # one instant: computed with, and written back with
+    holes = np.asarray(missing, dtype=np.int64)
+    try:
+        result = ctx.fm_tier.compute(version, user_id, items[holes], surface, now_us)
+    except Exception:  # the FM tier is an optimisation: stored rows are still served
+        log.exception("read-through failed", extra={"fields": {"fm_version": version.version}})
+        return nothing
+    if result is None:
+        return nothing
+    if result.unknown_user:
+        stats.skipped["unknown_user"] += len(holes)
+        return nothing
+    if result.unknown_items:
+        stats.skipped["unknown_item"] += result.unknown_items
+    if len(result.positions) == 0:
+        return nothing
+    done = holes[result.positions]
+    matrix = matrix.copy()
+    matrix[done] = result.taes
+    ts = np.full(len(done), now_us, dtype=np.int64)
+    try:
+        ctx.store.write(version.version, np.full(len(done), user_id), items[done], ts, result.taes)
+    except StoreUnavailable as e:
+        stats.write_errors += 1  # still served; the next request computes again
+        log.warning("write-back failed", extra={"fields": {"error": str(e)}})
+    computed = sorted(int(i) for i in done)
+    left = sorted(set(missing) - set(computed))
+    return matrix, left, computed
+
+
+def score(ctx: ServiceContext, name: str, user_id: int, item_ids: list[int]) -> Scores:
+    """An expert's task probabilities for a user's candidates, with the pinned version's TAEs
+    (read-through as in a lookup, on the expert's own surface) and its Feast features.
+
+    Raises NotFound, Conflict, Invalid (too many candidates), StoreUnavailable."""
+    check_size(ctx, item_ids)
+    cfg = ctx.expert(name)
+    version = ctx.pinned_version(cfg) if cfg.fm_version is not None else None
+    model = ctx.expert_model(cfg)  # loads from disk on first use
+    items = as_int_array(item_ids)
+    # The pinned version's TAEs and the expert's Feast features are fetched concurrently.
+    taes = None
+    if version is not None:
+        taes = ctx.fetchers.submit(ctx.store.read, version.version, version.dim, user_id, items)
+    try:
+        feats = ctx.online_features(cfg, user_id, item_ids)
+    finally:
+        rows = taes.result() if taes is not None else None
+    frame = pd.DataFrame({"user_id": user_id, "item_id": items})
+    for f in cfg.item_features:
+        frame[f] = [np.nan if v is None else v for v in feats[f]]
+    k = cfg.history_length
+    frame["recent_items"] = [_last_k(feats["recent_items"][0] or [], k)] * len(items)
+    frame["recent_actions"] = [_last_k(feats["recent_actions"][0] or [], k)] * len(items)
+    if rows is None or version is None:  # the no-FM baseline
+        return Scores(cfg, np.asarray(predict(model, frame), dtype=float), [], [], None)
+    # The same rules and read-through as a lookup: the expert scores with the TAE it was
+    # trained on rather than without one.
+    found = embeddings(ctx, version, user_id, items, cfg.surface, rows=rows,
+                       surface_from_request=False)
+    gone = set(found.missing)
+    frame["embedding"] = [None if i in gone else r for i, r in enumerate(found.matrix)]
+    probs = np.asarray(predict(model, frame), dtype=float)
+    return Scores(cfg, probs, found.missing, found.computed, found.stats)
+
+
+def _last_k(values: list[int], k: int) -> np.ndarray:
+    """Right-aligned last k entries, 0-padded on the left (the experts' history format)."""
+    out = np.zeros(k, dtype=np.int64)
+    tail = np.asarray(values[-k:], dtype=np.int64)
+    if len(tail):
+        out[k - len(tail) :] = tail
+    return out
