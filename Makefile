@@ -3,7 +3,7 @@
 # exactly the versions the project was tested with.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-LOCK := requirements/lock.txt
+LOCK := requirements-lock.txt
 STAMP := $(VENV)/.foundex-installed
 # The venv's console scripts (foundex, feast) for the commands below and their subprocesses.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -36,7 +36,7 @@ lint: install
 lock: install
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	    --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
-	    --override requirements/torch-cpu.txt --custom-compile-command "make lock" --quiet -o $(LOCK).tmp
+	    --override requirements-torch-cpu.txt --custom-compile-command "make lock" --quiet -o $(LOCK).tmp
 	sed 's/^torch==2\.13\.0+cpu$$/torch==2.13.0/' $(LOCK).tmp > $(LOCK)
 	rm $(LOCK).tmp
 	! grep -nE '^nvidia-|\+cu' $(LOCK)
