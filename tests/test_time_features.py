@@ -24,6 +24,7 @@ from store_bridge.events.files import write_dataset
 from store_bridge.events.kuairand import load_kuairand
 from store_bridge.events.schema import DatasetSpec, as_microseconds, timestamps_us
 from store_bridge.events.synthetic import SyntheticConfig, generate
+from tests.test_loaders import BASIC_HEADER, LOG_HEADER  # KuaiRand's CSV headers
 
 INT64 = np.iinfo(np.int64)
 
@@ -178,15 +179,6 @@ def test_spec_time_zone_round_trips_and_old_spec_files_read_utc(tmp_path):
 
 # ---- a KuaiRand-style event: trained, logged and served with one hour ---------------------------
 
-LOG_HEADER = (
-    "user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,"
-    "is_hate,long_view,play_time_ms,duration_ms,profile_stay_time,comment_stay_time,"
-    "is_profile_enter,is_rand,tab"
-)
-BASIC_HEADER = (
-    "video_id,author_id,video_type,upload_dt,upload_type,visible_status,video_duration,"
-    "server_width,server_height,music_id,music_type,tag"
-)
 # 16:30 UTC on 2022-04-25 is 00:30 of 2022-04-26 in Beijing: local hour 0, UTC hour 16.
 INSTANT = datetime(2022, 4, 25, 16, 30, tzinfo=UTC)
 USER, SURFACE, CANDIDATES = 1, "tab1", [2, 5, 7]
