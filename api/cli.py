@@ -83,6 +83,9 @@ def _resolve_redis(settings: Settings, *, detach: bool = False) -> tuple[str, Em
     if server is not None:
         how = "started" if server.started else "using"
         typer.echo(f"{how} embedded redis at {url} (data in {server.data_dir})", err=True)
+        if server.orphaned_by is not None:
+            typer.echo(f"note: foundex process {server.orphaned_by} started it and exited without "
+                       "stopping it; `foundex redis --stop` stops it", err=True)
     return url, server
 
 

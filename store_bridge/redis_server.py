@@ -206,6 +206,9 @@ class EmbeddedRedis:
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.started = False  # whether start() launched it (rather than found it running)
+        # pid of the foundex process that started the running server found here and has since
+        # died without stopping it (killed with SIGKILL, say); None otherwise
+        self.orphaned_by: int | None = None
 
     def state(self) -> dict | None:
         """What server.json says, if a server it names answers; else None."""
@@ -228,6 +231,9 @@ class EmbeddedRedis:
         state = self.state()
         if state:
             self.url = state["url"]
+            owner = state.get("owner")
+            if owner and owner != os.getpid() and not _pid_alive(owner):
+                self.orphaned_by = owner
             return self.url
         binary = self.binary or _default_binary()
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,40 @@ def test_foreground_redis_is_stopped_by_sigterm_and_guarded_from_stop(tmp_path):
     assert not _alive(state["pid"]) and not state_file.exists()
 
 
+def test_a_server_left_by_a_killed_command_is_named_when_reused(tmp_path):
+    """SIGKILL gives foundex no chance to stop its Redis: the next command reuses the server
+    (its data is the repo's online store) and says whose it was and how to stop it."""
+    repo = copy_feature_repo(tmp_path / "repo")
+    state_file = repo / "data" / "redis" / "server.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "redis", "--repo", str(repo)],
+        cwd=ROOT, env=_no_redis_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait(state_file.exists, "server.json", proc)
+        state = json.loads(state_file.read_text())
+        proc.kill()
+        proc.wait(timeout=30)
+        assert redis_client(state["url"]).ping()  # orphaned, still serving
+        again = subprocess.run(
+            [sys.executable, "-m", "api.cli", "redis", "--detach", "--repo", str(repo)],
+            cwd=ROOT, env=_no_redis_env(), capture_output=True, text=True, timeout=60,
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stderr.splitlines() == [
+            f"using embedded redis at {state['url']} (data in {state_file.parent})",
+            f"note: foundex process {proc.pid} started it and exited without stopping it; "
+            "`foundex redis --stop` stops it",
+        ]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if state_file.exists():
+            from store_bridge.redis_server import stop_embedded
+
+            stop_embedded(state_file.parent)
+
+
 def test_redis_detach_returns_and_stop_stops(tmp_path):
     repo = copy_feature_repo(tmp_path / "repo")
     state_file = repo / "data" / "redis" / "server.json"
