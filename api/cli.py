@@ -370,7 +370,7 @@ def log_cmd(
         _service_error(e)
     _ping_redis(ctx)
 
-    from api.pipeline import _is_tty
+    from api.pipeline import is_terminal
     from api.services.errors import StoreUnavailable
 
     def show(rep) -> None:
@@ -379,7 +379,7 @@ def log_cmd(
                    f"{rep.skipped_chunks} chunks done by an earlier run")
 
     try:
-        offline.log_impressions(ctx, frame, progress=not no_progress and _is_tty(sys.stderr),
+        offline.log_impressions(ctx, frame, progress=not no_progress and is_terminal(sys.stderr),
                                 chunk_rows=chunk_rows, on_report=show)
     except Invalid as e:  # the file's rows
         _fail(f"{impressions}: {e}")

@@ -108,7 +108,9 @@ def write_user_history(repo: FeatureRepo, events: pd.DataFrame, as_of: pd.Timest
     return path
 
 
-def _is_tty(stream: object) -> bool:
+def is_terminal(stream: object) -> bool:
+    """Whether `stream` is a terminal: progress bars are drawn only there (a log file or a CI
+    log gets plain lines instead of carriage returns and colour codes)."""
     try:
         return bool(stream.isatty())  # type: ignore[attr-defined]
     except (AttributeError, ValueError):  # no isatty, or a closed stream
@@ -156,7 +158,7 @@ def run_demo(
     # Feast's store for materialisation, given the Redis address without exporting it.
     ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url), redis_url,
                          redis_timeout_s=30)
-    bars = progress and _is_tty(sys.stderr)
+    bars = progress and is_terminal(sys.stderr)
     clock: dict[str, float] = {}
     t = time.perf_counter()
     stage_start = t
@@ -239,7 +241,7 @@ def run_demo(
     fs = ctx.feature_store
     # Feast prints colour codes to stdout and draws a tqdm bar on stderr: kept only where
     # they land on a terminal and bars are wanted.
-    with warnings.catch_warnings(), _quiet(not (bars and _is_tty(sys.stdout)), not bars):
+    with warnings.catch_warnings(), _quiet(not (bars and is_terminal(sys.stdout)), not bars):
         warnings.simplefilter("ignore", DeprecationWarning)  # ibis's use of a deprecated DuckDB call
         fs.materialize(
             start_date=(events[EVENT_TIMESTAMP].min() - pd.Timedelta(days=1)).to_pydatetime(),
