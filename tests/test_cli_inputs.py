@@ -162,6 +162,7 @@ def test_a_server_left_by_a_killed_command_is_named_when_reused(tmp_path):
             f"using embedded redis at {state['url']} (data in {state_file.parent})",
             f"note: foundex process {proc.pid} started it and exited without stopping it; "
             "`foundex redis --stop` stops it",
+            f"`foundex redis --stop --repo {repo}` stops it.",
         ]
     finally:
         if proc.poll() is None:
