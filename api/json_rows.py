@@ -11,19 +11,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-
-try:  # optional speed-up: orjson writes float32 rows straight from NumPy
-    import orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    orjson = None
+import orjson
 
 
 def embeddings_json(matrix: np.ndarray, missing: list[int]) -> bytes:
     """`[[...], null, ...]` for a float32 [n, dim] matrix, null for the `missing` rows."""
-    if orjson is None:
-        gone = set(missing)
-        rows = [None if i in gone else r for i, r in enumerate(matrix.tolist())]
-        return json.dumps(rows, separators=(",", ":")).encode()
     if not missing:
         return orjson.dumps(matrix, option=orjson.OPT_SERIALIZE_NUMPY)
     # Row views with None between them: measured faster than writing runs of rows as
