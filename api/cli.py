@@ -380,7 +380,7 @@ def log_cmd(
 
     try:
         offline.log_impressions(ctx, frame, progress=not no_progress and is_terminal(sys.stderr),
-                                chunk_rows=chunk_rows, on_report=show)
+                                chunk_rows=chunk_rows, on_report=show, checked=True)
     except Invalid as e:  # the file's rows
         _fail(f"{impressions}: {e}")
     except StoreUnavailable as e:  # finished chunks are kept; a rerun skips them

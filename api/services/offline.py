@@ -28,19 +28,22 @@ def log_impressions(
     progress: bool = True,
     chunk_rows: int = 20000,
     on_report: Callable[[LogReport], None] | None = None,
+    checked: bool = False,
 ) -> list[LogReport]:
     """TAEs of `impressions` (rows of user_id, item_id, event_timestamp, surface; validated
     here by `check_impressions`) for each of `versions` (default: every active one), written
     offline (parquet) and online (ctx.store). `histories` default to the repo's event log.
     `on_report` is called with each version's LogReport as it finishes. `progress`: draw
-    progress bars (callers pass it only when stderr is a terminal).
+    progress bars (callers pass it only when stderr is a terminal). `checked`: `impressions`
+    is what `check_impressions` returned already (the CLI checks before Redis starts), so the
+    rows are not validated twice.
 
     Raises Invalid (bad rows), Conflict (no active version, no event log, an FM producing
     NaN/Inf), StoreUnavailable (Redis does not answer; finished chunks stay, a rerun resumes)."""
     from store_bridge.fm_tier import load_tae_function, repo_histories
     from store_bridge.logging_tier import BadEmbeddings, log_version
 
-    imp = check_impressions(ctx, impressions, histories=histories)
+    imp = impressions if checked else check_impressions(ctx, impressions, histories=histories)
     todo = list(versions) if versions is not None else ctx.manifest().active()
     if not todo:
         raise Conflict("no active FM version to log")
