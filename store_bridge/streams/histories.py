@@ -35,34 +35,43 @@ from store_bridge.streams.stream import Entry, RedisStream
 
 HISTORY_ROW = np.dtype([("item", "<i8"), ("eid", "<u8"), ("action", "<i2"), ("surface", "u1")])
 
-# ARGV: cap, ttl_s, then per user: key, version key, k, then k (score, member) pairs.
-# "Added" counts only events that were not stored and are still stored after the cap is
-# applied: re-adding an event the cap already dropped changes nothing, version included.
+# ARGV: cap, ttl_s, row width, then per user: key, version key, members (k packed rows, one
+# string), scores (k decimal µs, comma-separated). "Added" counts only events that were not
+# stored and are still stored after the cap is applied: re-adding an event the cap already
+# dropped changes nothing, version included.
 _ADD = """
-local cap = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local i = 3
+local cap, ttl, w = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local total = 0
-while i <= #ARGV do
-  local key, vkey, k = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
+for i = 4, #ARGV, 4 do
+  local key, vkey, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local args, members, j = {}, {}, 0
+  for score in string.gmatch(ARGV[i + 3], '[^,]+') do
+    local m = string.sub(blob, j * w + 1, (j + 1) * w)
+    j = j + 1
+    args[#args + 1] = score
+    args[#args + 1] = m
+    members[j] = m
+  end
+  local before = redis.call('ZMSCORE', key, unpack(members))
   local fresh = {}
-  for j = i + 1, i + 2 * k - 1, 2 do
-    if not redis.call('ZSCORE', key, ARGV[j]) then fresh[#fresh + 1] = ARGV[j] end
+  for n, s in ipairs(before) do
+    if not s then fresh[#fresh + 1] = members[n] end
   end
   if #fresh > 0 then
-    redis.call('ZADD', key, unpack(ARGV, i, i + 2 * k - 1))
-    redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
-    local kept = 0
-    for _, m in ipairs(fresh) do
-      if redis.call('ZSCORE', key, m) then kept = kept + 1 end
+    redis.call('ZADD', key, unpack(args))
+    local kept = #fresh
+    if redis.call('ZCARD', key) > cap then
+      redis.call('ZREMRANGEBYRANK', key, 0, -(cap + 1))
+      kept = 0
+      for _, s in ipairs(redis.call('ZMSCORE', key, unpack(fresh))) do
+        if s then kept = kept + 1 end
+      end
     end
     if kept > 0 then
       redis.call('INCRBY', vkey, kept)
       total = total + kept
     end
   end
-  i = i + 2 * k
   if ttl > 0 then
     redis.call('EXPIRE', key, ttl)
     redis.call('EXPIRE', vkey, ttl)
@@ -137,23 +146,22 @@ class OnlineHistories:
         rows = np.empty(len(df), dtype=HISTORY_ROW)
         rows["item"], rows["eid"] = item, id_hashes(ids)
         rows["action"], rows["surface"] = action, surface
-        members = rows.tobytes()
-        w = HISTORY_ROW.itemsize
         order = np.argsort(user, kind="stable")
-        bounds = np.flatnonzero(np.r_[True, user[order][1:] != user[order][:-1], True])
-        total, args, n_args = 0, [self.cap, self.ttl_s], 0
+        rows, ts, user = rows[order], ts[order], user[order]
+        bounds = np.flatnonzero(np.r_[True, user[1:] != user[:-1], True])
+        head = [self.cap, self.ttl_s, HISTORY_ROW.itemsize]
+        total, args, n_rows = 0, list(head), 0
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            u = int(user[order[a]])
             for c in range(a, b, _MAX_ROWS_PER_CALL):
-                idx = order[c : min(b, c + _MAX_ROWS_PER_CALL)]
-                args += [self.key(u), self.version_key(u), len(idx)]
-                for j in idx.tolist():
-                    args += [int(ts[j]), members[j * w : (j + 1) * w]]
-                n_args += len(idx)
-                if n_args >= _MAX_ROWS_PER_CALL:
+                d = min(b, c + _MAX_ROWS_PER_CALL)
+                u = int(user[a])
+                args += [self.key(u), self.version_key(u), rows[c:d].tobytes(),
+                         ",".join(map(str, ts[c:d].tolist()))]  # fmt: skip
+                n_rows += d - c
+                if n_rows >= _MAX_ROWS_PER_CALL:
                     total += int(self._add(args=args))
-                    args, n_args = [self.cap, self.ttl_s], 0
-        if n_args:
+                    args, n_rows = list(head), 0
+        if n_rows:
             total += int(self._add(args=args))
         return total
 
