@@ -12,11 +12,14 @@ import torch
 
 from experts.baselines import VARIANTS, ExpertSize, variant_config, variant_vectors
 from experts.paper.plan import Plan
+from experts.paper.report import markdown
+from experts.paper.stats import TR_NA, build_tables, check_targets, paired_gain, t95
 from experts.paper.tables import run
 from fm import FMConfig, UserHistories
 from fm.batching import collate
 from fm.history import timestamps_us
 from fm.user_embedding import UserEmbeddingModel, compute_user_embeddings, train_ue_streaming
+from store_bridge.events.schema import DatasetSpec
 from store_bridge.events.synthetic import SyntheticConfig, generate
 
 TINY = Plan(
@@ -67,9 +70,15 @@ def test_tables_have_finite_numbers_per_task_over_seeds(tiny_run):
             assert _finite(row[v]), row
             assert row[v]["n"] == 2  # both seeds: a real spread
     for row in t["table2_fm_small_vs_large"]:
-        for key in ("fm_ne_diff", "expert_ne_diff", "tr"):
+        for key in ("fm_ne_diff", "expert_ne_diff"):
             assert _finite(row[key]), row
-    assert any(r["tr"]["std"] > 0 for r in t["table2_fm_small_vs_large"])  # seeds differ
+        # A TR only where the large FM is better, paired by seed; n/a elsewhere.
+        assert row["fm_improved"] == row["fm_gain"]["clear"]
+        if row["fm_improved"]:
+            assert _finite(row["tr"]) and row["tr_status"] == "reported"
+        else:
+            assert row["tr"]["mean"] is None and row["tr_status"] == TR_NA
+    assert any(r["expert_ne_diff"]["std"] > 0 for r in t["table2_fm_small_vs_large"])
     (flops,) = t["table4_flops"]
     assert 0 < flops["expert_flops"] < flops["one_stage_flops"]
     assert _finite(flops["mean_ne_expert"]) and _finite(flops["mean_ne_one_stage"])
@@ -153,45 +162,148 @@ def test_ue_uses_history_strictly_before_ts(ue_setup):
     assert not np.allclose(ue_full, ue_early)
 
 
-def _s(mean, std=0.1):
-    return {"mean": mean, "std": std, "n": 3}
+# ---- the judge: pure statistics on made-up per-seed numbers -------------------------------
+
+SPEC = DatasetSpec("toy", ["feed"], ["click"], {"feed": ["click", "hide"]}, ["hide"])
 
 
-def test_targets_are_judged_from_the_tables():
-    from experts.paper.stats import check_targets
+def _seed(fm_small=0.90, fm_large=0.88, tae_small=0.85, tae=0.834, nofm=0.95, ue=0.93,
+          ue_tae=0.92, one_stage=0.97, hide=(0.99, 0.98)):
+    """One seed's `run_surface` numbers on the toy spec: click (FM task), hide (unseen).
+    `tae` / `tae_small`: the +TAE expert on the large / small FM; `hide`: (no-FM, the rest)."""
+    ne = {"nofm": nofm, "ue": ue, "tae": tae, "ue_tae": ue_tae, "tae_small": tae_small,
+          "one_stage": one_stage}
+    expert_ne = {v: {"click": x, "hide": hide[0] if v == "nofm" else hide[1]}
+                 for v, x in ne.items()}
+    fm = {"tae_small": {"click": fm_small}, "tae": {"click": fm_large}, "ue": {"click": 0.91}}
+    return {"surfaces": {"feed": {
+        "tasks": ["click", "hide"], "fm_ne": fm, "expert_ne": expert_ne,
+        "flops": {"tae": 100, "one_stage": 1000, "nofm": 90},
+        "params": {"tae": 10, "one_stage": 100},
+    }}}
 
-    tables = {
-        "table1_ne_diff_vs_nofm": [
-            {"ue": _s(-1.0), "tae": _s(-2.0)},  # TAE ahead, clearly
-            {"ue": _s(-1.0), "tae": _s(-1.05)},  # ahead within noise
-            {"ue": _s(-2.0), "tae": _s(-1.0)},  # behind
-        ],
-        "table2_fm_small_vs_large": [{"tr": _s(0.9)}, {"tr": _s(0.5)}, {"tr": _s(None)}],
-        "table3_unseen_tasks": [{"tae": _s(-0.5)}],
-        "table4_flops": [
-            {"flops_ratio": 0.1, "mean_ne_expert": _s(0.95), "mean_ne_one_stage": _s(0.99)},
-            {"flops_ratio": 0.5, "mean_ne_expert": _s(0.95), "mean_ne_one_stage": _s(0.99)},
-        ],
+
+def _judge(seeds):
+    tables = build_tables(seeds, SPEC)
+    targets = check_targets(tables)
+    (row,) = tables["table2_fm_small_vs_large"]
+    return tables, targets, row
+
+
+def _report(tables, targets):
+    windows = {"eval": ("2024-01-01", "2024-01-02")}
+    return markdown({"data": "toy", "seeds": [0, 1, 2], "windows": windows, "events": 1,
+                     "users": 1, "seconds": 1.0, "tables": tables, "targets": targets,
+                     "plots": []})
+
+
+def test_paired_gain_is_a_one_sided_paired_t_test():
+    assert t95(1) == 6.314 and t95(2) == 2.920 and t95(500) == t95(30)
+    g = paired_gain([3.0, 4.0, 5.0], [1.0, 2.0, 2.0])  # d = 2, 2, 3
+    se = np.std([2, 2, 3], ddof=1) / np.sqrt(3)
+    assert g["n"] == 3 and g["lower"] == pytest.approx(7 / 3 - 2.920 * se) and g["clear"]
+    # Spread-out cells, consistent pairs: clear, because the judge pairs by seed.
+    assert paired_gain([1.0, 5.0, 3.0], [0.5, 4.5, 2.5])["clear"]
+    # Nothing is clear from one seed, nor from pairs with a missing side.
+    assert not paired_gain([5.0], [1.0])["clear"]
+    assert not paired_gain([5.0, None], [1.0, 2.0])["clear"]
+    with pytest.raises(ValueError, match="one per seed"):
+        paired_gain([1.0, 2.0], [1.0])
+
+
+def test_transfer_ratio_is_na_where_the_larger_fm_regressed():
+    # The large FM is worse on every seed, and so is its expert by the same amount: each
+    # seed's TR is +1.0, which a judge of ratios alone would call met.
+    seeds = [_seed(fm_small=s, fm_large=s + 0.03, tae_small=0.85, tae=0.88)
+             for s in (0.90, 0.91, 0.92)]
+    tables, targets, row = _judge(seeds)
+    assert not row["fm_improved"] and row["fm_gain"]["mean"] < 0
+    assert row["tr"]["mean"] is None and row["tr_status"] == TR_NA
+    tr = targets["transfer_ratio"]
+    assert (tr["rows"], tr["meeting"], tr["leaning"], tr["met"]) == (1, 0, 0, False)
+    assert tr["judged"][0]["tr_status"] == TR_NA and not tr["judged"][0]["meets"]
+    assert f"| {TR_NA} |" in _report(tables, targets)
+
+
+def test_transfer_ratio_where_the_larger_fm_improved_clear_of_the_spread():
+    fm_gain, tr_true = (0.020, 0.022, 0.025), (0.75, 0.85, 0.80)
+    seeds = [_seed(fm_small=0.90, fm_large=0.90 - g, tae_small=0.85, tae=0.85 - r * g)
+             for g, r in zip(fm_gain, tr_true, strict=True)]
+    tables, targets, row = _judge(seeds)
+    assert row["fm_improved"] and row["fm_gain"]["lower"] > 0
+    assert row["tr_status"] == "reported" and row["tr"]["n"] == 3
+    assert 0.6 <= row["tr"]["mean"] <= 1.2
+    assert row["tr"]["mean"] == pytest.approx(np.mean(tr_true))
+    assert targets["transfer_ratio"]["met"] and targets["transfer_ratio"]["meeting"] == 1
+    # The same FM gains, but the expert keeps only ~30% of them: TR < 0.6, not met.
+    low = [_seed(fm_small=0.90, fm_large=0.90 - g, tae_small=0.85, tae=0.85 - 0.3 * g)
+           for g in fm_gain]
+    _, targets, row = _judge(low)
+    assert row["fm_improved"] and row["tr"]["mean"] == pytest.approx(0.3)
+    assert not targets["transfer_ratio"]["met"]
+
+
+def test_transfer_ratio_is_na_where_the_fm_gain_is_within_the_spread():
+    # Mean FM gain +0.005 NE, but the seeds disagree (+0.03, -0.02, +0.005).
+    seeds = [_seed(fm_small=0.90, fm_large=0.90 - g, tae_small=0.85, tae=0.85 - g)
+             for g in (0.03, -0.02, 0.005)]
+    tables, targets, row = _judge(seeds)
+    assert row["fm_gain"]["mean"] > 0 and not row["fm_improved"]
+    assert row["tr"]["mean"] is None and row["tr_status"] == TR_NA
+    assert not targets["transfer_ratio"]["met"] and targets["transfer_ratio"]["meeting"] == 0
+    # One seed shows no spread: a gain there is never clear either.
+    _, targets, row = _judge(seeds[:1])
+    assert not row["fm_improved"] and not targets["transfer_ratio"]["met"]
+
+
+def test_ne_at_or_above_one_fails_as_worse_than_the_base_rate():
+    # The no-FM expert is worse than the base rate; the +TAE expert "beats" it by 3%.
+    seeds = [_seed(nofm=1.01 + e, ue=0.99 + e, tae=0.98 + e) for e in (0.0, 0.002, 0.004)]
+    tables, targets, _ = _judge(seeds)
+    base = targets["ne_below_base_rate"]
+    assert not base["met"] and base["rows"] > base["meeting"]
+    assert {(c["table"], c["task"], c["model"]) for c in base["failing"]} == {
+        ("1", "click", "expert nofm"), ("4", "mean over tasks", "expert nofm"),
     }
-    t = check_targets(tables)
-    assert (t["tae_beats_ue"]["meeting"], t["tae_beats_ue"]["clear"], t["tae_beats_ue"]["met"]) == (2, 1, True)
-    # The row without a TR (no positives in a window) is not judged at all.
-    assert (t["transfer_ratio"]["meeting"], t["transfer_ratio"]["rows"], t["transfer_ratio"]["met"]) == (1, 2, False)
-    assert t["unseen_gain"]["met"] and t["unseen_gain"]["clear"] == 1
-    # Cheaper and better on average, but by less than the seeds' spread: not clear.
-    assert (t["expert_flops"]["meeting"], t["expert_flops"]["clear"], t["expert_flops"]["met"]) == (1, 0, False)
-    # From a single seed there is no spread, so nothing is clear.
-    one_seed = {k: [{c: ({**v, "n": 1, "std": 0.0} if isinstance(v, dict) else v) for c, v in r.items()}
-                    for r in rows] for k, rows in tables.items()}
-    t = check_targets(one_seed)
-    assert t["tae_beats_ue"]["meeting"] == 2 and all(v["clear"] == 0 for v in t.values())
+    report = _report(tables, targets)
+    assert "worse than the base rate" in report and "1.0120 ± 0.0020 ✗" in report
+    assert "| every model's NE < 1 (NE >= 1: worse than the base rate) |" in report
+    assert "| no |" in report.split("## Targets")[1]
+    # All below 1 and clear of it: met, nothing failing.
+    _, targets, _ = _judge([_seed(), _seed(), _seed(nofm=0.951)])
+    assert targets["ne_below_base_rate"]["met"] and not targets["ne_below_base_rate"]["failing"]
+
+
+def test_targets_are_judged_on_paired_seed_differences():
+    # +TAE is 0.5 points ahead of +UE on every seed, while both move by 4 points across seeds:
+    # the means' gap is far inside each cell's std, the paired differences are not.
+    seeds = [_seed(nofm=0.95, ue=u, tae=u - 0.005) for u in (0.90, 0.94, 0.92)]
+    tables, targets, _ = _judge(seeds)
+    (row,) = tables["table1_ne_diff_vs_nofm"]
+    assert row["tae"]["std"] > row["ue"]["mean"] - row["tae"]["mean"]
+    assert targets["tae_beats_ue"]["met"] and targets["tae_beats_ue"]["meeting"] == 1
+    # Unseen task and FLOPs: judged the same way.
+    assert targets["unseen_gain"]["met"]  # hide: 0.98 vs 0.99 on every seed
+    assert targets["expert_flops"]["met"]  # 10% of the FLOPs, NE below one-stage every seed
+    # +TAE ahead on the mean of means (one seed by a lot), behind on two of three seeds.
+    seeds = [_seed(ue=0.93, tae=t) for t in (0.85, 0.935, 0.94)]
+    _, targets, _ = _judge(seeds)
+    tae_ue = targets["tae_beats_ue"]
+    assert (tae_ue["meeting"], tae_ue["leaning"], tae_ue["met"]) == (0, 1, False)
+    assert not targets["expert_flops"]["met"]  # one seed's big lead is not a paired gain
+    one_seed = check_targets(build_tables(seeds[:1], SPEC))
+    assert not any(t["met"] for t in one_seed.values())
 
 
 def test_run_reports_its_targets(tiny_run):
     out, result = tiny_run
     targets = result["targets"]
-    assert set(targets) == {"tae_beats_ue", "transfer_ratio", "unseen_gain", "expert_flops"}
+    assert set(targets) == {"tae_beats_ue", "transfer_ratio", "unseen_gain", "expert_flops",
+                            "ne_below_base_rate"}
     t1 = result["tables"]["table1_ne_diff_vs_nofm"]
     assert targets["tae_beats_ue"]["rows"] == len(t1)
-    assert targets["tae_beats_ue"]["meeting"] == sum(r["tae"]["mean"] < r["ue"]["mean"] for r in t1)
+    paired = [paired_gain(r["ue"]["values"], r["tae"]["values"])["clear"] for r in t1]
+    assert targets["tae_beats_ue"]["meeting"] == sum(paired)
+    t2 = result["tables"]["table2_fm_small_vs_large"]
+    assert targets["transfer_ratio"]["meeting"] <= sum(r["fm_improved"] for r in t2)
     assert "## Targets" in (out / "report.md").read_text()

@@ -58,6 +58,16 @@ def test_paper_tables_on_movielens_through_the_cli(tmp_path):
             assert math.isfinite(row[variant]["mean"]) and row[variant]["n"] == 2
     assert [r["task"] for r in tables["table3_unseen_tasks"]] == ["dislike"]
     assert {r["task"] for r in tables["table2_fm_small_vs_large"]} == {"like", "love"}
+    for row in tables["table2_fm_small_vs_large"]:  # a TR only where the large FM is better
+        assert (row["tr"]["mean"] is not None) == row["fm_improved"], row
+        assert row["fm_improved"] or row["tr_status"] == "n/a (FM did not improve)"
+    targets = result["targets"]
+    assert targets["transfer_ratio"]["meeting"] <= sum(
+        r["fm_improved"] for r in tables["table2_fm_small_vs_large"]
+    )
+    failing = targets["ne_below_base_rate"]["failing"]
+    assert all(c["ne"] >= 1 for c in failing)
+    assert not (failing and targets["ne_below_base_rate"]["met"])  # NE >= 1 never passes
     (flops,) = tables["table4_flops"]
     assert 0 < flops["expert_flops"] < flops["one_stage_flops"]
     for png in result["plots"]:
@@ -75,6 +85,13 @@ def test_paper_tables_names_bad_input(tmp_path):
     proc = foundex("paper-tables", "--data", "movielens", "--data-path", str(tmp_path / "nope"),
                    "--out", str(tmp_path))
     assert proc.returncode != 0 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+    csv_dir = tmp_path / "ml-latest-small"  # --path (alias of --data-path) finds ratings.csv
+    csv_dir.mkdir()
+    (csv_dir / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,7.0,9\n")
+    proc = foundex("paper-tables", "--data", "movielens", "--path", str(csv_dir),
+                   "--out", str(tmp_path))
+    assert proc.returncode != 0 and "ratings.csv" in proc.stderr and "half stars" in proc.stderr
+    assert "Traceback" not in proc.stderr
     bad = tmp_path / "u.data"
     bad.write_text("not\ta\tratings\tfile\n")
     proc = foundex("paper-tables", "--data", "movielens", "--data-path", str(bad), "--out", str(tmp_path))

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from experts.paper.stats import TABLE1_VARIANTS
+from experts.paper.stats import JUDGE, TABLE1_VARIANTS, TR_NA
 
 LABELS = {"ue": "+UE", "tae": "+TAE", "ue_tae": "+UE+TAE", "tae_small": "+TAE(small)"}
+WORSE = " ✗"  # marks an NE >= 1: worse than the base rate (a failing target, see Targets)
 
 
 def _fmt(s: dict[str, Any] | None, digits: int = 2) -> str:
@@ -24,14 +25,64 @@ def _fmt(s: dict[str, Any] | None, digits: int = 2) -> str:
     return f"{s['mean']:+.{digits}f} ± {s['std']:.{digits}f}"
 
 
+def _worse(s: dict[str, Any] | None) -> bool:
+    """An NE cell whose mean over seeds is >= 1."""
+    return bool(s) and s.get("mean") is not None and s["mean"] >= 1.0
+
+
 def _fmt_ne(s: dict[str, Any]) -> str:
-    return "n/a" if s.get("mean") is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
+    if s.get("mean") is None:
+        return "n/a"
+    return f"{s['mean']:.4f} ± {s['std']:.4f}" + (WORSE if _worse(s) else "")
 
 
 def _ne_diff_rows(rows: list[dict]) -> list[str]:
-    """Tables 1 and 3 share a layout: NE of no-FM, then each variant's NE diff."""
+    """Tables 1 and 3 share a layout: NE of no-FM, then each variant's NE diff (marked when
+    the variant's own NE is >= 1)."""
     return [f"| {r['surface']} | {r['task']} | {_fmt_ne(r['ne_nofm'])} | "
-            + " | ".join(_fmt(r[v]) for v in TABLE1_VARIANTS) + " |" for r in rows]
+            + " | ".join(_fmt(r[v]) + (WORSE if _worse(r.get("ne", {}).get(v)) else "")
+                         for v in TABLE1_VARIANTS) + " |" for r in rows]
+
+
+def _fmt_gain(g: dict[str, Any], digits: int = 4) -> str:
+    """A paired gain: mean, its one-sided 95% lower bound, and the verdict."""
+    if g.get("mean") is None:
+        return "n/a"
+    if g.get("lower") is None:
+        return f"{g['mean']:+.{digits}f} (1 seed: no)"
+    return f"{g['mean']:+.{digits}f} (lower {g['lower']:+.{digits}f}: " + (
+        "yes)" if g["clear"] else "no)")
+
+
+def _table2_rows(rows: list[dict]) -> list[str]:
+    return [
+        f"| {r['surface']} | {r['task']} | {_fmt_ne(r['fm_ne_small'])} | "
+        f"{_fmt_ne(r['fm_ne_large'])} | {_fmt_ne(r['fm_ne_ue'])} | {_fmt(r['fm_ne_diff'])} | "
+        f"{_fmt_gain(r['fm_gain'])} | {_fmt(r['expert_ne_diff'])} | "
+        f"{_fmt(r['tr']) if r['fm_improved'] else TR_NA} |"
+        for r in rows
+    ]
+
+
+def _targets(targets: dict[str, Any]) -> list[str]:
+    lines = [
+        "", "## Targets", "",
+        f"Each row is judged on its per-seed differences, paired by seed ({JUDGE}); "
+        "\"meeting\" = clear by that test, \"leaning\" = the mean difference points the "
+        "right way but is not clear. A target is met when most rows meet it (NE < 1: every "
+        f"row). TR counts only where the large FM is better; elsewhere it is {TR_NA}.", "",
+        "| target | rows meeting it | leaning | met |", "|---|---|---|---|",
+    ]
+    for tgt in targets.values():
+        lines.append(f"| {tgt['rule']} | {tgt['meeting']} of {tgt['rows']} | {tgt['leaning']} "
+                     f"| {'yes' if tgt['met'] else 'no'} |")
+    failing = targets.get("ne_below_base_rate", {}).get("failing", [])
+    if failing:
+        lines += ["", f"Failing: NE >= 1, worse than the base rate ({WORSE.strip()} in the "
+                  "tables):", ""]
+        lines += [f"- table {c['table']}: {c['surface']} / {c['task']}, {c['model']}: "
+                  f"NE {c['ne']:.4f}" for c in failing]
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -45,7 +96,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Experts judged on {result['windows']['eval'][0]} .. {result['windows']['eval'][1]}; "
         f"{result['events']:,} events, {result['users']:,} users; wall {result['seconds']:.0f}s.",
         "Embeddings are computed in memory at each impression's own time from history strictly "
-        "before it (point-in-time by construction; no feature store involved).",
+        "before it (point-in-time by construction; no feature store involved). "
+        f"{WORSE.strip()} = NE >= 1, worse than the base rate.",
         "",
         "## 1. NE diff (%) vs the no-FM expert",
         "",
@@ -56,18 +108,15 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "", "## 2. FM small -> FM large", "",
         "FM NE on the expert's surface and evaluation window; expert = +TAE expert on each "
-        "version. TR = (NE_exp(small) - NE_exp(large)) / (NE_FM(small) - NE_FM(large)).",
+        "version. TR = (NE_exp(small) - NE_exp(large)) / (NE_FM(small) - NE_FM(large)), mean "
+        "± std of the per-seed TRs, shown only where the large FM is better: FM gain = "
+        "NE_FM(small) - NE_FM(large) per seed, paired, with its one-sided 95% lower bound.",
         "",
         "| surface | task | FM NE small | FM NE large | UE-model NE | FM NE diff % "
-        "| expert NE diff % | TR |",
-        "|---|---|---|---|---|---|---|---|",
+        "| FM gain (large better?) | expert NE diff % | TR |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in t["table2_fm_small_vs_large"]:
-        lines.append(
-            f"| {r['surface']} | {r['task']} | {_fmt_ne(r['fm_ne_small'])} | "
-            f"{_fmt_ne(r['fm_ne_large'])} | {_fmt_ne(r['fm_ne_ue'])} | {_fmt(r['fm_ne_diff'])} | "
-            f"{_fmt(r['expert_ne_diff'])} | {_fmt(r['tr'])} |"
-        )
+    lines += _table2_rows(t["table2_fm_small_vs_large"])
     lines += ["", "## 3. Unseen tasks (never shown to the FM): NE diff (%) vs no-FM", "",
               "| surface | task | NE no-FM | +UE | +TAE | +UE+TAE |", "|---|---|---|---|---|---|"]
     lines += _ne_diff_rows(t["table3_unseen_tasks"])
@@ -89,14 +138,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['flops_ratio']:.1%} | {_fmt_ne(r['mean_ne_nofm'])} | "
             f"{_fmt_ne(r['mean_ne_expert'])} | {_fmt_ne(r['mean_ne_one_stage'])} |"
         )
-    lines += [
-        "", "## Targets", "",
-        "Judged on the means above; \"clear\" = the gap exceeds the spread over seeds.", "",
-        "| target | rows meeting it | clear | met |", "|---|---|---|---|",
-    ]
-    for tgt in result["targets"].values():
-        lines.append(f"| {tgt['rule']} | {tgt['meeting']} of {tgt['rows']} | {tgt['clear']} | "
-                     f"{'yes' if tgt['met'] else 'no'} |")
+    lines += _targets(result["targets"])
     lines += ["", "Plots: " + ", ".join(result["plots"]), ""]
     return "\n".join(lines)
 

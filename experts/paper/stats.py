@@ -1,15 +1,24 @@
 """From per-seed numbers to the paper's tables, and the targets judged on them.
 
 NE diff = relative NE change in %, (NE_variant - NE_ref) / NE_ref * 100; negative is better.
-Each cell is {"mean", "std" (sample std over seeds), "n" (seeds with a finite value)}.
+Each cell is {"mean", "std" (sample std over seeds), "n" (seeds with a finite value),
+"values" (one per seed, in the run's seed order; None where not finite)}: the values keep the
+pairing by seed that every judgement below uses.
 
 Tables:
   1. +UE, +TAE, +UE+TAE vs the no-FM expert, per surface and task (tasks the FM trains on);
-  2. FM small -> large: the FM's NE diff on that surface and task, the expert's NE diff
-     (expert on TAE-large vs on TAE-small) and the Transfer Ratio;
+     `ne` holds every expert variant's own NE;
+  2. FM small -> large: the FMs' NE on that surface and task, the expert's NE on each (+TAE)
+     and the Transfer Ratio, reported only where the large FM is better (see `transfer_row`);
   3. unseen tasks (never shown to the FM): NE diff of each FM variant vs no-FM;
   4. per surface: FLOPs per candidate of the expert (+TAE) vs the one-stage model, and the
      mean NE over the surface's tasks of no-FM, expert and one-stage.
+
+The judge (`paired_gain`): a claim "A is better than B" is judged on the per-seed differences
+d_s = A_s - B_s (oriented so that > 0 is better), paired by seed, never on the difference of
+two means over seeds. It holds ("clear") when a one-sided paired t-test at 5% rejects
+"no gain": mean(d) - t_{0.95, n-1} * stderr(d) > 0, stderr = std(d, ddof=1) / sqrt(n). With
+fewer than two seeds there is no spread, so nothing is clear.
 """
 
 from __future__ import annotations
@@ -25,6 +34,15 @@ from store_bridge.events.schema import DatasetSpec
 TABLE1_VARIANTS = ("ue", "tae", "ue_tae")
 TABLE_KEYS = ("table1_ne_diff_vs_nofm", "table2_fm_small_vs_large", "table3_unseen_tasks",
               "table4_flops")
+TR_TARGET = 0.6  # the issue's target: TR >= 0.6
+FLOPS_TARGET = 0.4  # expert FLOPs <= 40% of the one-stage model's
+TR_NA = "n/a (FM did not improve)"
+JUDGE = ("one-sided paired t-test over seeds at 5%: a gain holds where "
+         "mean(d) - t(0.95, n-1) * stderr(d) > 0, d = per-seed difference")
+# Student t quantile t(0.95, df) for df = 1..30; larger df use df 30's (slightly conservative).
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+        1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+        1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697)
 
 
 def ne_diff_pct(new: float, ref: float) -> float:
@@ -32,14 +50,58 @@ def ne_diff_pct(new: float, ref: float) -> float:
     return (new - ref) / ref * 100.0 if ref and math.isfinite(ref) else float("nan")
 
 
-def mean_std(values: list[float]) -> dict[str, float | None]:
-    """{"mean", "std", "n"} over the finite values (sample std; 0.0 from one value, None
-    for both from none)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def mean_std(values: list[float | None]) -> dict[str, Any]:
+    """A cell: {"mean", "std", "n"} over the finite values (sample std; 0.0 from one value,
+    None for both from none) and "values": one per seed, None where not finite."""
+    kept = [None if not _finite(x) else float(x) for x in values]
+    v = np.asarray([x for x in kept if x is not None], dtype=np.float64)
     if len(v) == 0:
-        return {"mean": None, "std": None, "n": 0}
+        return {"mean": None, "std": None, "n": 0, "values": kept}
     std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    return {"mean": float(v.mean()), "std": std, "n": int(len(v))}
+    return {"mean": float(v.mean()), "std": std, "n": int(len(v)), "values": kept}
+
+
+def t95(df: int) -> float:
+    """One-sided 95% Student t quantile for `df` >= 1 degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"need at least 1 degree of freedom, got {df}")
+    return _T95[min(df, len(_T95)) - 1]
+
+
+def paired_gain(better: list[float | None], worse: list[float | None],
+                scale: float = 1.0) -> dict[str, Any]:
+    """The claim "`better` is above `worse`" judged on the per-seed differences
+    d_s = better_s - scale * worse_s over the seeds where both are finite (the lists are
+    aligned by seed). Returns {"mean", "stderr", "lower" (one-sided 95% lower bound of the
+    mean gain; None from fewer than 2 seeds), "n", "clear" (lower > 0)}.
+
+    Raises ValueError when the lists are not aligned (different lengths)."""
+    if len(better) != len(worse):
+        raise ValueError(f"paired values need one per seed on both sides: "
+                         f"{len(better)} vs {len(worse)}")
+    d = np.asarray([b - scale * w for b, w in zip(better, worse, strict=True)
+                    if _finite(b) and _finite(w)], dtype=np.float64)
+    n = int(len(d))
+    if n == 0:
+        return {"mean": None, "stderr": None, "lower": None, "n": 0, "clear": False}
+    mean = float(d.mean())
+    if n < 2:
+        return {"mean": mean, "stderr": None, "lower": None, "n": 1, "clear": False}
+    stderr = float(d.std(ddof=1) / math.sqrt(n))
+    lower = mean - t95(n - 1) * stderr
+    return {"mean": mean, "stderr": stderr, "lower": lower, "n": n, "clear": lower > 0}
+
+
+def _negated(values: list[float | None]) -> list[float | None]:
+    return [None if v is None else -v for v in values]
+
+
+def _constant(c: float, like: list[Any]) -> list[float]:
+    return [c] * len(like)
 
 
 def build_tables(per_seed: list[dict[str, Any]], spec: DatasetSpec) -> dict[str, list[dict]]:
@@ -54,40 +116,54 @@ def build_tables(per_seed: list[dict[str, Any]], spec: DatasetSpec) -> dict[str,
             for v in TABLE1_VARIANTS:
                 row[v] = mean_std([ne_diff_pct(s["expert_ne"][v][task], b)
                                    for s, b in zip(seeds, base, strict=True)])
+            row["ne"] = {v: mean_std([s["expert_ne"][v][task] for s in seeds])
+                         for v in first["expert_ne"]}
             (t3 if task in unseen else t1).append(row)
             if task not in unseen:
-                t2.append(_transfer_row(surface, task, seeds))
+                t2.append(transfer_row(surface, task, seeds))
         t4.append(_compute_row(surface, first, seeds))
     return dict(zip(TABLE_KEYS, (t1, t2, t3, t4), strict=True))
 
 
-def _transfer_row(surface: str, task: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Table 2's row: FM small -> large on one surface and task, over seeds."""
-    fm_diff, ex_diff, tr = [], [], []
-    for s in seeds:
-        f1, f2 = s["fm_ne"]["tae_small"].get(task), s["fm_ne"]["tae"].get(task)
-        e1, e2 = s["expert_ne"]["tae_small"][task], s["expert_ne"]["tae"][task]
-        f1 = float("nan") if f1 is None else f1
-        f2 = float("nan") if f2 is None else f2
-        fm_diff.append(ne_diff_pct(f2, f1))
-        ex_diff.append(ne_diff_pct(e2, e1))
-        tr.append(transfer_ratio(e1, e2, f1, f2))
-    return {
+def transfer_row(surface: str, task: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Table 2's row: FM small -> large on one surface and task, over seeds.
+
+    `fm_gain` is `paired_gain(NE_FM(small), NE_FM(large))`; `fm_improved` its "clear". The TR
+    (mean ± std of the per-seed TRs) is given only where the large FM improved; elsewhere
+    `tr` has no mean and `tr_status` is TR_NA. `seeds`: one `run_surface` result per seed.
+    """
+    def fm(name: str) -> list[float]:
+        return [s["fm_ne"][name].get(task, math.nan) for s in seeds]
+
+    f1, f2, ue = fm("tae_small"), fm("tae"), fm("ue")
+    e1 = [s["expert_ne"]["tae_small"][task] for s in seeds]
+    e2 = [s["expert_ne"]["tae"][task] for s in seeds]
+    row: dict[str, Any] = {
         "surface": surface, "task": task,
-        "fm_ne_small": mean_std([s["fm_ne"]["tae_small"].get(task, math.nan) for s in seeds]),
-        "fm_ne_large": mean_std([s["fm_ne"]["tae"].get(task, math.nan) for s in seeds]),
-        "fm_ne_ue": mean_std([s["fm_ne"]["ue"].get(task, math.nan) for s in seeds]),
-        "fm_ne_diff": mean_std(fm_diff), "expert_ne_diff": mean_std(ex_diff),
-        "tr": mean_std(tr),
+        "fm_ne_small": mean_std(f1), "fm_ne_large": mean_std(f2), "fm_ne_ue": mean_std(ue),
+        "expert_ne_small": mean_std(e1), "expert_ne_large": mean_std(e2),
+        "fm_ne_diff": mean_std([ne_diff_pct(b, a) for a, b in zip(f1, f2, strict=True)]),
+        "expert_ne_diff": mean_std([ne_diff_pct(b, a) for a, b in zip(e1, e2, strict=True)]),
     }
+    row["fm_gain"] = paired_gain(row["fm_ne_small"]["values"], row["fm_ne_large"]["values"])
+    row["fm_improved"] = row["fm_gain"]["clear"]
+    if row["fm_improved"]:
+        row["tr"] = mean_std([transfer_ratio(*v) for v in zip(e1, e2, f1, f2, strict=True)])
+        row["tr_status"] = "reported"
+    else:
+        row["tr"] = mean_std([])
+        row["tr_status"] = TR_NA
+    return row
 
 
 def _compute_row(surface: str, first: dict[str, Any], seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """Table 4's row: FLOPs (the same every seed: taken from the first) and mean NE."""
-    mean_ne = {
-        v: mean_std([float(np.nanmean(list(s["expert_ne"][v].values()))) for s in seeds])
-        for v in ("nofm", "tae", "one_stage")
-    }
+    def mean_over_tasks(ne: dict[str, float]) -> float:
+        v = [x for x in ne.values() if _finite(x)]
+        return float(np.mean(v)) if v else math.nan
+
+    mean_ne = {v: mean_std([mean_over_tasks(s["expert_ne"][v]) for s in seeds])
+               for v in ("nofm", "tae", "one_stage")}
     fl_e, fl_o = first["flops"]["tae"], first["flops"]["one_stage"]
     return {
         "surface": surface,
@@ -99,60 +175,119 @@ def _compute_row(surface: str, first: dict[str, Any], seeds: list[dict[str, Any]
     }
 
 
-def _mean(stat: dict[str, Any]) -> float:
-    return math.nan if stat.get("mean") is None else float(stat["mean"])
+# ---- the targets ------------------------------------------------------------------------
 
 
-def _spread(*stats: dict[str, Any]) -> float:
-    """The larger std over seeds of the stats compared; infinite from a single seed, which
-    shows no spread, so that nothing counts as clear of it."""
-    if any((s.get("n") or 0) < 2 for s in stats):
-        return math.inf
-    return max(float(s["std"] or 0.0) for s in stats)
+def _judged(rule: str, rows: list[dict[str, Any]], *, every: bool = False) -> dict[str, Any]:
+    """A target's summary over its judged rows (each with "gain", "eligible", "meets"): how
+    many meet it (clear by the paired test), how many only lean its way (eligible, mean gain
+    > 0, not clear), and
+    `met`: most rows meet it (every row where `every`); never met without rows."""
+    meeting = sum(r["meets"] for r in rows)
+    leaning = sum(r["eligible"] and not r["meets"] and (r["gain"]["mean"] or 0.0) > 0
+                  for r in rows)
+    met = bool(rows) and (meeting == len(rows) if every else meeting > len(rows) / 2)
+    return {"rule": rule, "test": JUDGE, "rows": len(rows), "meeting": int(meeting),
+            "leaning": int(leaning), "met": met, "judged": rows}
+
+
+def _where(row: dict[str, Any]) -> dict[str, Any]:
+    return {"surface": row["surface"], "task": row.get("task", "mean over tasks")}
+
+
+def ne_cells(tables: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """Every NE (not NE diff) cell of the tables with numbers: {"table", "surface", "task",
+    "model", "cell"}; a (surface, task, model) shown in two tables is listed once."""
+    seen: set[tuple[str, str, str]] = set()
+    out: list[dict[str, Any]] = []
+
+    def add(table: str, row: dict[str, Any], model: str, cell: dict[str, Any]) -> None:
+        key = (row["surface"], _where(row)["task"], model)
+        if cell.get("mean") is not None and key not in seen:
+            seen.add(key)
+            out.append({"table": table, **_where(row), "model": model, "cell": cell})
+
+    t1, t2, t3, t4 = (tables[k] for k in TABLE_KEYS)
+    for table, rows in (("1", t1), ("3", t3)):
+        for r in rows:
+            add(table, r, "expert nofm", r["ne_nofm"])
+            for v, cell in r.get("ne", {}).items():
+                add(table, r, f"expert {v}", cell)
+    for r in t2:
+        add("2", r, "FM small", r["fm_ne_small"])
+        add("2", r, "FM large", r["fm_ne_large"])
+        add("2", r, "UE model", r["fm_ne_ue"])
+    for r in t4:
+        for key, model in (("mean_ne_nofm", "expert nofm"), ("mean_ne_expert", "expert tae"),
+                           ("mean_ne_one_stage", "expert one_stage")):
+            add("4", r, model, r[key])
+    return out
 
 
 def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
-    """The issue's four targets, judged on the tables' means over seeds. Each says how many
-    rows (surface and task, where there are numbers; surfaces for FLOPs) meet it, `met` when
-    most do, and `clear`: how many meet it by more than the spread over seeds (the larger std
-    of the terms compared; nothing is clear from one seed)."""
+    """The issue's targets, each judged per row on paired per-seed differences (`paired_gain`;
+    see the module docstring). Each target: rule, test, rows (rows with numbers), meeting
+    (clear by the paired test), leaning (mean gain > 0 but not clear), met, and `judged`: one
+    entry per row with its `gain` and `meets`.
+
+    tae_beats_ue     d = NE diff(+UE) - NE diff(+TAE), % points vs no-FM (table 1);
+    transfer_ratio   only rows whose large FM improved (table 2's `fm_improved`) can meet it:
+                     d = (NE_exp(small) - NE_exp(large)) - 0.6 * (NE_FM(small) - NE_FM(large)),
+                     i.e. TR >= 0.6 with the FM gain > 0; the others are `TR_NA`, never met;
+    unseen_gain      d = -NE diff(+TAE) on tasks the FM never saw (table 3);
+    expert_flops     FLOPs ratio <= 0.4 and d = NE(one-stage) - NE(expert), mean over tasks;
+    ne_below_base_rate  every model's NE < 1: d = 1 - NE, met only if every row meets it;
+                     `failing` lists the cells whose mean NE >= 1 (worse than the base rate).
+    """
     t1, t2, t3, t4 = (tables[k] for k in TABLE_KEYS)
 
-    def summary(rows: list[bool], clear: list[bool], rule: str) -> dict[str, Any]:
-        return {"rule": rule, "rows": len(rows), "meeting": int(sum(rows)),
-                "clear": int(sum(clear)), "met": bool(rows) and sum(rows) > len(rows) / 2}
+    def row_judgement(row: dict[str, Any], gain: dict[str, Any], eligible: bool = True,
+                      **extra: Any) -> dict[str, Any]:
+        """`eligible`: the row's other conditions (FM improved, FLOPs ratio) hold."""
+        return {**_where(row), **extra, "gain": gain, "eligible": bool(eligible),
+                "meets": bool(eligible and gain["clear"])}
 
-    def judged(rows: list[dict], *keys: str) -> list[dict]:
-        """Rows with numbers to compare (a task without positives in a window has none)."""
-        return [r for r in rows if all(math.isfinite(_mean(r[k])) for k in keys)]
-
-    t1, t2, t3 = judged(t1, "ue", "tae"), judged(t2, "tr"), judged(t3, "tae")
-    tae_vs_ue = [_mean(r["tae"]) < _mean(r["ue"]) for r in t1]
-    tae_vs_ue_clear = [
-        _mean(r["ue"]) - _mean(r["tae"]) > _spread(r["tae"], r["ue"])
-        for r in t1
-    ]
-    tr = [_mean(r["tr"]) >= 0.6 for r in t2]
-    tr_clear = [_mean(r["tr"]) - _spread(r["tr"]) >= 0.6 for r in t2]
-    unseen = [_mean(r["tae"]) < 0 for r in t3]
-    unseen_clear = [_mean(r["tae"]) + _spread(r["tae"]) < 0 for r in t3]
-    # Equal NE: the expert is at least as good as the one-stage model on the surface's mean NE
-    # (a better expert at lower cost meets it a fortiori).
-    flops = [
-        r["flops_ratio"] <= 0.4 and _mean(r["mean_ne_expert"]) <= _mean(r["mean_ne_one_stage"])
-        for r in t4
-    ]
-    flops_clear = [
-        r["flops_ratio"] <= 0.4
-        and _mean(r["mean_ne_one_stage"]) - _mean(r["mean_ne_expert"])
-        > _spread(r["mean_ne_expert"], r["mean_ne_one_stage"])
-        for r in t4
-    ]
-    return {
-        "tae_beats_ue": summary(tae_vs_ue, tae_vs_ue_clear, "+TAE NE diff below +UE's"),
-        "transfer_ratio": summary(tr, tr_clear, "TR (FM small -> large) >= 0.6"),
-        "unseen_gain": summary(unseen, unseen_clear, "+TAE NE diff < 0 on tasks the FM never saw"),
-        "expert_flops": summary(
-            flops, flops_clear, "expert FLOPs <= 40% of the one-stage's, expert NE <= one-stage NE"
-        ),
+    tae_ue = [row_judgement(r, paired_gain(r["ue"]["values"], r["tae"]["values"]))
+              for r in t1 if r["ue"]["n"] and r["tae"]["n"]]
+    tr_rows = []
+    for r in t2:
+        if not (r["fm_ne_small"]["n"] and r["fm_ne_large"]["n"]):
+            continue  # a task without positives in the window: no numbers to judge
+        e_gain = [None if not (_finite(a) and _finite(b)) else a - b for a, b in
+                  zip(r["expert_ne_small"]["values"], r["expert_ne_large"]["values"],
+                      strict=True)]
+        f_gain = [None if not (_finite(a) and _finite(b)) else a - b for a, b in
+                  zip(r["fm_ne_small"]["values"], r["fm_ne_large"]["values"], strict=True)]
+        # Without a clear FM gain there is no TR to judge (its sign and size mean nothing).
+        gain = (paired_gain(e_gain, f_gain, scale=TR_TARGET) if r["fm_improved"]
+                else paired_gain([], []))
+        tr_rows.append(row_judgement(r, gain, r["fm_improved"], tr_status=r["tr_status"]))
+    unseen = [row_judgement(r, paired_gain(_negated(r["tae"]["values"]),
+                                           _constant(0.0, r["tae"]["values"])))
+              for r in t3 if r["tae"]["n"]]
+    flops = [row_judgement(r, paired_gain(r["mean_ne_one_stage"]["values"],
+                                          r["mean_ne_expert"]["values"]),
+                           r["flops_ratio"] <= FLOPS_TARGET, flops_ratio=r["flops_ratio"])
+             for r in t4 if r["mean_ne_expert"]["n"] and r["mean_ne_one_stage"]["n"]]
+    base_rate = []
+    for c in ne_cells(tables):
+        values = c["cell"]["values"]
+        gain = paired_gain(_constant(1.0, values), values)
+        base_rate.append({"table": c["table"], "surface": c["surface"], "task": c["task"],
+                          "model": c["model"], "ne": c["cell"]["mean"], "gain": gain,
+                          "eligible": True, "meets": gain["clear"]})
+    targets = {
+        "tae_beats_ue": _judged("+TAE NE diff below +UE's", tae_ue),
+        "transfer_ratio": _judged(
+            f"TR (FM small -> large) >= {TR_TARGET}, only where the large FM is better", tr_rows),
+        "unseen_gain": _judged("+TAE NE diff < 0 on tasks the FM never saw", unseen),
+        "expert_flops": _judged(f"expert FLOPs <= {FLOPS_TARGET:.0%} of the one-stage's, "
+                                "expert NE below the one-stage's", flops),
+        "ne_below_base_rate": _judged("every model's NE < 1 (NE >= 1: worse than the base rate)",
+                                      base_rate, every=True),
     }
+    targets["ne_below_base_rate"]["failing"] = [
+        {k: c[k] for k in ("table", "surface", "task", "model", "ne")}
+        for c in base_rate if c["ne"] >= 1.0
+    ]
+    return targets
