@@ -2,6 +2,11 @@
 
 Each batch is scored before the model learns from it (progressive validation), so the NE the
 pass reports is an honest out-of-sample number, as in online streaming training.
+
+Under torchrun the same function trains data-parallel (PyTorch DDP, `fm.distributed`): every
+rank takes its slice of each global batch of `config.batch_requests` requests, the loss and
+the NE are global sums, and only rank 0 prints and writes checkpoints. K steps on W processes
+give the weights of K steps on one.
 """
 
 from __future__ import annotations
@@ -16,11 +21,23 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn as nn
+from torch import Tensor
 from tqdm import tqdm
 
-from fm.batching import Requests
+from fm.batching import Batch, Requests
 from fm.checkpoint import load_checkpoint, save_checkpoint
 from fm.config import FMConfig
+from fm.distributed import (
+    DistContext,
+    all_reduce_ne,
+    context_from_env,
+    global_counts,
+    join_process_group,
+    scaled_task_losses,
+    shard_bounds,
+    wrap_ddp,
+)
 from fm.history import UserHistories
 from fm.metrics import NEAccumulator
 from fm.model import FoundationModel
@@ -57,6 +74,28 @@ def _update_ne(acc: dict[str, NEAccumulator], outputs: dict[str, tuple[torch.Ten
         acc[t].update(y.detach().cpu().numpy(), torch.sigmoid(logits).detach().cpu().numpy())
 
 
+class _Scored(nn.Module):
+    """model(batch) then its task heads, as one forward: what DDP wraps, so that the heads'
+    parameters are inside the module whose gradients it averages."""
+
+    def __init__(self, model: FoundationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
+        return self.model.task_outputs(batch, self.model(batch))
+
+
+def _loss(
+    model: FoundationModel, outputs: dict[str, tuple[Tensor, Tensor]], ctx: DistContext
+) -> Tensor:
+    """The weighted multi-task loss; on several ranks each task's mean is over the global batch."""
+    if not ctx.is_distributed:
+        return model.loss_from_outputs(outputs)[0]
+    losses = scaled_task_losses(outputs, global_counts(outputs, ctx), ctx.world_size)
+    return torch.stack([model.config.task_weight(t) * v for t, v in losses.items()]).sum()
+
+
 def train_streaming(
     events: pd.DataFrame,
     config: FMConfig,
@@ -68,6 +107,7 @@ def train_streaming(
     progress: bool = True,
     item_content: Any = None,
     model_factory: Callable[[FMConfig, Any], FoundationModel] = FoundationModel,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """One pass of AdamW over request-shaped batches of events with timestamp < end.
 
@@ -76,16 +116,30 @@ def train_streaming(
     item_content: optional float [n_items, config.content_dim], the per-item content vectors.
     model_factory: builds the model from (config, item_content) once the seed is set; a
     variant with the same heads and loss (e.g. the user-level-embedding baseline) trains alike.
+    device: where to train ("cuda" under torchrun: each rank on cuda:LOCAL_RANK).
+
+    Launched by torchrun with several processes, it trains data-parallel (`fm.distributed`):
+    each rank reads the same events and takes its slice of every global batch; every rank
+    returns the same weights and the global NE; only rank 0 shows progress and writes
+    checkpoints (`checkpoints` is empty on the others). Raises ValueError when
+    config.batch_requests is smaller than the number of processes.
     """
     t0 = time.perf_counter()
+    ctx = context_from_env(device)
+    if config.batch_requests < ctx.world_size:  # checked before any rank waits for the others
+        raise ValueError(
+            f"batch_requests={config.batch_requests} is smaller than the {ctx.world_size} "
+            "training processes: every process needs requests from each global batch"
+        )
+    join_process_group(ctx)
     if end is not None:
         events = events[events["event_timestamp"] < _utc(end)]
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same on every rank: identical initial weights
     histories = UserHistories.from_events(events, config.surfaces)
     requests = Requests.from_events(events, config)
-    model = model_factory(config, item_content)
+    model = model_factory(config, item_content).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    acc = {t: NEAccumulator() for t in config.fm_tasks}
+    acc = {t: NEAccumulator() for t in config.fm_tasks}  # this rank's samples only
     step = 0
 
     resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -94,7 +148,8 @@ def train_streaming(
         model.load_state_dict(loaded.state_dict())
         opt.load_state_dict(extra["optimizer"])
         torch.set_rng_state(extra["rng_state"])
-        acc = {t: NEAccumulator.from_state(s) for t, s in extra["ne_state"].items()}
+        if ctx.is_main:  # the saved NE sums are global: counted once, on rank 0
+            acc = {t: NEAccumulator.from_state(s) for t, s in extra["ne_state"].items()}
         step = int(extra["step"])
 
     bs = config.batch_requests
@@ -102,25 +157,29 @@ def train_streaming(
     if max_steps is not None:
         n_steps = min(n_steps, max_steps)
 
-    def checkpoint() -> Path:
+    def checkpoint(ne: dict[str, NEAccumulator]) -> Path:
         assert checkpoint_dir is not None
         extra = {
             "step": step,
             "n_requests": min(step * bs, len(requests)),
             "optimizer": opt.state_dict(),
             "rng_state": torch.get_rng_state(),
-            "ne_state": {t: a.state() for t, a in acc.items()},
+            "ne_state": {t: a.state() for t, a in ne.items()},
         }
         return save_checkpoint(model, Path(checkpoint_dir) / f"step_{step:08d}.pt", extra)
 
     written: list[Path] = []
     shown = config.main_tasks[:3]
-    bar = tqdm(total=n_steps, initial=min(step, n_steps), disable=not progress, desc="fm train")
+    show = progress and ctx.is_main
+    bar = tqdm(total=n_steps, initial=min(step, n_steps), disable=not show, desc="fm train")
+    scored = wrap_ddp(_Scored(model), ctx)
     model.train()
     while step < n_steps:
-        batch = requests.batch(step * bs, min((step + 1) * bs, len(requests)), histories, config)
-        tae = model(batch)
-        outputs = model.task_outputs(batch, tae)
+        lo, hi = shard_bounds(
+            step * bs, min((step + 1) * bs, len(requests)), ctx.rank, ctx.world_size
+        )
+        batch = requests.batch(lo, hi, histories, config).to(ctx.device)
+        outputs = scored(batch)
         if config.dropout > 0:  # score with the eval-mode model, as serving would
             model.eval()
             with torch.no_grad():
@@ -128,24 +187,30 @@ def train_streaming(
             model.train()
         else:
             _update_ne(acc, outputs)
-        loss, _ = model.loss_from_outputs(outputs)
+        loss = _loss(model, outputs, ctx)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP, gradients arrive averaged over the ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
 
+        # Both conditions are the same on every rank, so all ranks join each all-reduce.
         bar.update(1)
         if step % 10 == 0 or step == n_steps:
-            bar.set_postfix({f"ne_{t}": f"{acc[t].value():.4f}" for t in shown})
+            ne = all_reduce_ne(acc, ctx)
+            bar.set_postfix({f"ne_{t}": f"{ne[t].value():.4f}" for t in shown})
         if checkpoint_dir is not None and (step % checkpoint_every == 0 or step == n_steps):
-            written.append(checkpoint())
+            ne = all_reduce_ne(acc, ctx)
+            if ctx.is_main:
+                written.append(checkpoint(ne))
     bar.close()
 
+    # A collective: no rank returns before rank 0 has written its last checkpoint.
+    ne = all_reduce_ne(acc, ctx)
     model.eval()
     return TrainResult(
         model=model,
-        ne={t: a.value() for t, a in acc.items()},
+        ne={t: a.value() for t, a in ne.items()},
         steps=step,
         seconds=time.perf_counter() - t0,
         checkpoints=written,
