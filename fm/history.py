@@ -77,7 +77,13 @@ class UserHistories:
         surfaces = list(surfaces) if surfaces is not None else sorted(df["surface"].unique())
         user = df["user_id"].to_numpy(np.int64)
         ts = timestamps_us(df["event_timestamp"])
-        order = np.lexsort((ts, user))  # stable: by user, then time
+        item = df["item_id"].to_numpy(np.int64)
+        action = df["action"].to_numpy(np.int64)
+        surface = surface_codes(df["surface"].to_numpy(object), surfaces)
+        # By user, then time; events at one instant by (item, action, surface), never by
+        # their row order: online histories (Redis) give ties the same order, so a TAE is the
+        # same whichever source its history came from.
+        order = np.lexsort((surface, action, item, ts, user))
         user = user[order]
         users, starts = np.unique(user, return_index=True)
         offsets = np.append(starts, len(user)).astype(np.int64)
@@ -85,9 +91,9 @@ class UserHistories:
             users=users,
             offsets=offsets,
             ts_us=ts[order],
-            item=df["item_id"].to_numpy(np.int64)[order],
-            action=df["action"].to_numpy(np.int64)[order],
-            surface=surface_codes(df["surface"].to_numpy(object), surfaces)[order],
+            item=item[order],
+            action=action[order],
+            surface=surface[order],
             surfaces=surfaces,
         )
 

@@ -24,8 +24,9 @@ def histories(events):
 def brute_force(events, user, ts_us, max_len):
     ts = timestamps_us(events["event_timestamp"])
     rows = events[(events["user_id"].to_numpy() == user) & (ts < ts_us)]
-    rows = rows.assign(_ts=ts[rows.index]).sort_values("_ts", kind="stable")
-    return rows.tail(max_len)
+    # Events at one instant in the canonical order: by item, action, surface.
+    rows = rows.assign(_ts=ts[rows.index], _s=rows["surface"].map({"feed": 0, "video": 1}))
+    return rows.sort_values(["_ts", "item_id", "action", "_s"], kind="stable").tail(max_len)
 
 
 def test_before_matches_brute_force(events, histories):
@@ -40,8 +41,8 @@ def test_before_matches_brute_force(events, histories):
         assert len(got) == len(want)
         assert (got.ts_us < ts).all()
         np.testing.assert_array_equal(got.ts_us, want["_ts"].to_numpy())
-        # ties (one request's impressions) may come in any order: compare as multisets
-        np.testing.assert_array_equal(np.sort(got.item), np.sort(want["item_id"].to_numpy()))
+        np.testing.assert_array_equal(got.item, want["item_id"].to_numpy())
+        np.testing.assert_array_equal(got.action, want["action"].to_numpy())
 
 
 def test_impressions_of_the_same_request_never_see_each_other(events, histories):

@@ -242,3 +242,28 @@ def test_backfill_keeps_newest_and_consumer_matches(redis_url):
     s.append(t.append_column("event_id", pa.array(ids)))
     HistoriesConsumer(s, h).drain()
     assert list(h.read(1).item) == [29, 33, 37]
+
+
+def test_events_at_one_instant_come_back_in_the_event_logs_order(redis_url):
+    from fm.history import UserHistories
+
+    client = redis_client(redis_url, timeout=5)
+    h = OnlineHistories(client, f"o{uuid.uuid4().hex[:8]}", ["home", "search"], cap=50)
+    df = pd.DataFrame(
+        {
+            "user_id": np.zeros(8, dtype=np.int64),
+            "item_id": [7, -3, 300, 7, 2**40, 0, 7, 5],
+            "event_timestamp": pd.to_datetime([T0] * 6 + [T0 + 1, T0 - 1], unit="us", utc=True)
+            .astype("datetime64[us, UTC]"),
+            "surface": ["search", "home", "home", "home", "home", "search", "home", "home"],
+            "action": np.array([1, 0, 2, 1, 0, 3, 0, 0], dtype=np.int16),
+        }
+    )
+    h.add(df)
+    online = h.read(0)
+    offline = UserHistories.from_events(df.sample(frac=1, random_state=3), ["home", "search"])
+    np.testing.assert_array_equal(online.ts_us, offline.ts_us)
+    np.testing.assert_array_equal(online.item, offline.item)
+    np.testing.assert_array_equal(online.action, offline.action)
+    np.testing.assert_array_equal(online.surface, offline.surface)
+    assert list(online.item[1:7]) == [-3, 0, 7, 7, 300, 2**40]

@@ -6,8 +6,9 @@ log and an event is visible to the next TAE computed for its user.
 Layout, per user u of the repo's Feast project p:
 
     foundex:p:hist:{u}    sorted set; score = event time (int µs since the epoch, exact in a
-                          double below 2^53), member = 19 packed bytes (HISTORY_ROW: item int64,
-                          event-id hash uint64, action int16, surface code uint8, little-endian)
+                          double below 2^53), member = 19 packed bytes (HISTORY_ROW: item, action,
+                          surface code, event-id hash; ordered so that events at one instant
+                          sort by item, action, surface, as in the event log's histories)
     foundex:p:histv:{u}   counter bumped whenever the user's set gains an event: a reader that
                           cached something derived from the history compares it
 
@@ -33,7 +34,11 @@ from store_bridge.streams.consumer import StreamConsumer
 from store_bridge.streams.records import EVENT_ID, content_ids, id_hashes
 from store_bridge.streams.stream import Entry, RedisStream
 
-HISTORY_ROW = np.dtype([("item", "<i8"), ("eid", "<u8"), ("action", "<i2"), ("surface", "u1")])
+# Big-endian keys with the sign bit flipped: the bytes of two members compare as (item,
+# action, surface) compare as numbers, so events at one instant are in the order
+# `fm.UserHistories.from_events` gives them (the same TAEs from either source).
+HISTORY_ROW = np.dtype([("item", ">u8"), ("action", ">u2"), ("surface", "u1"), ("eid", "<u8")])
+_ITEM_FLIP, _ACTION_FLIP = np.uint64(1 << 63), np.uint16(1 << 15)
 
 # ARGV: cap, ttl_s, row width, then per user: key, version key, members (k packed rows, one
 # string), scores (k decimal µs, comma-separated). "Added" counts only events that were not
@@ -144,8 +149,9 @@ class OnlineHistories:
         else:
             ids = content_ids(user, item, ts, surf_names, action)
         rows = np.empty(len(df), dtype=HISTORY_ROW)
-        rows["item"], rows["eid"] = item, id_hashes(ids)
-        rows["action"], rows["surface"] = action, surface
+        rows["item"] = item.astype(np.uint64) ^ _ITEM_FLIP
+        rows["action"] = action.astype(np.int16).astype(np.uint16) ^ _ACTION_FLIP
+        rows["surface"], rows["eid"] = surface, id_hashes(ids)
         order = np.argsort(user, kind="stable")
         rows, ts, user = rows[order], ts[order], user[order]
         bounds = np.flatnonzero(np.r_[True, user[1:] != user[:-1], True])
@@ -233,8 +239,8 @@ def _decode(pairs: list, version: bytes | None) -> OnlineHistory:
     ts = np.fromiter((s for _, s in pairs), dtype=np.float64, count=n).astype(np.int64)
     return OnlineHistory(
         ts_us=ts,
-        item=rows["item"].astype(np.int64),
-        action=rows["action"].astype(np.int64),
+        item=(rows["item"] ^ _ITEM_FLIP).astype(np.uint64).view(np.int64),
+        action=(rows["action"] ^ _ACTION_FLIP).astype(np.uint16).view(np.int16).astype(np.int64),
         surface=rows["surface"].astype(np.int64),
         version=int(version or 0),
     )

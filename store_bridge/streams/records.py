@@ -26,19 +26,26 @@ def content_ids(
     gets the same id: a 64-bit hash (pandas' `hash_pandas_object`) of (user, item, time in µs,
     surface, action), written `c-<16 hex digits>`. Labels are not part of it: a second copy of
     an event with other labels is the same event, not a new one."""
-    if len(user_id) == 0:
+    n = len(user_id)
+    if n == 0:
         return np.zeros(0, dtype=object)
-    frame = pd.DataFrame(
-        {
-            "user_id": np.asarray(user_id, dtype=np.int64),
-            "item_id": np.asarray(item_id, dtype=np.int64),
-            "ts_us": np.asarray(ts_us, dtype=np.int64),
-            "surface": np.asarray(surface, dtype=object).astype(str).astype(object),
-            "action": np.asarray(action, dtype=np.int64),
-        }
-    )  # fixed dtypes: the id must not depend on how a caller typed its columns
-    h = pd.util.hash_pandas_object(frame, index=False).to_numpy(np.uint64)
+    # Each column hashed on its own with fixed dtypes (pandas' `hash_array`: SipHash of the
+    # values), then combined in order: no DataFrame is built (a lookup logs through here).
+    parts = [
+        np.asarray(user_id, dtype=np.int64), np.asarray(item_id, dtype=np.int64),
+        np.asarray(ts_us, dtype=np.int64),
+        np.asarray(surface, dtype=object),  # names (str)
+        np.asarray(action, dtype=np.int64),
+    ]  # fmt: skip
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for col in parts:
+            h = (h * _MIX) ^ pd.util.hash_array(col, categorize=False).astype(np.uint64)
     return np.array([f"{DERIVED_PREFIX}{x:016x}" for x in h.tolist()], dtype=object)
+
+
+# An odd 64-bit multiplier (FNV-1a's prime) that spreads one column's hash before the next.
+_MIX = np.uint64(0x100000001B3)
 
 
 def id_hashes(ids: np.ndarray) -> np.ndarray:

@@ -178,7 +178,8 @@ class RedisStream:
                 keys=[self.key, self.produced_key],
                 args=[
                     self.max_entries, self.dedup_s, encode_batch(batch), batch.num_rows,
-                    time.time_ns() // 1000, self._seen_prefix, *(ids[r] for r in rows),
+                    time.time_ns() // 1000, self._seen_prefix,
+                    *((ids[r] for r in rows) if self.dedup_s else ()),  # ids only for dedup
                 ],
             )  # fmt: skip
             status = _text(res[0])
@@ -260,8 +261,10 @@ class RedisStream:
         safe: tuple[int, int] | None = None
         for info in infos:
             group = _text(info["name"])
-            if int(info["pending"]) > 0:
-                oldest = _id_tuple(self.client.xpending(self.key, group)["min"])
+            # The group's consumers may acknowledge between XINFO and XPENDING: min is None then.
+            first = self.client.xpending(self.key, group)["min"] if int(info["pending"]) else None
+            if first is not None:
+                oldest = _id_tuple(first)
             else:  # everything delivered is acknowledged: keep what comes after it
                 ms, seq = _id_tuple(info["last-delivered-id"])
                 oldest = (ms, seq + 1)
@@ -286,8 +289,9 @@ class RedisStream:
             group = _text(info["name"])
             acked = int(self.client.get(self._acked_prefix + group) or 0)
             pending = int(info["pending"])
-            if pending:
-                oldest = _id_tuple(self.client.xpending(self.key, group)["min"])
+            first = self.client.xpending(self.key, group)["min"] if pending else None
+            if first is not None:  # (None: acknowledged between XINFO and XPENDING)
+                oldest = _id_tuple(first)
             else:
                 last = _text(info["last-delivered-id"])
                 nxt = self.client.xrange(self.key, min=f"({last}", max="+", count=1)
