@@ -1,5 +1,5 @@
 """HTTP presentation of errors, written once: invalid requests (422 naming each field),
-FastAPI's own HTTP errors, and the service's domain errors (404, 409, 422, 503)."""
+FastAPI's own HTTP errors, and the service's domain errors (404, 409, 422, 429, 503)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.observability import Metrics, log
-from api.services.errors import Conflict, Invalid, NotFound, StoreUnavailable, Unavailable
+from api.services.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    Overloaded,
+    StoreUnavailable,
+    Unavailable,
+)
 
 MAX_ERRORS_SHOWN = 5  # a 422 names this many problems, then counts the rest
-STATUS = {NotFound: 404, Conflict: 409, Invalid: 422, Unavailable: 503}
+STATUS = {NotFound: 404, Conflict: 409, Invalid: 422, Overloaded: 429, Unavailable: 503}
+RETRY_AFTER_S = 1  # what a 429 tells a client to wait before it sends again
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -108,7 +116,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
         code = next(c for kind, c in STATUS.items() if isinstance(exc, kind))
-        return JSONResponse({"detail": str(exc)}, status_code=code)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if code == 429 else None
+        return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
     for kind in STATUS:
         app.add_exception_handler(kind, _domain)

@@ -70,6 +70,30 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.events_ingested = Counter(
+            "foundex_events_ingested_total",
+            "Events appended to the events stream (POST /v1/events)",
+            registry=self.registry,
+        )
+        self.events_duplicates = Counter(
+            "foundex_events_duplicates_total",
+            "Accepted events the stream already held (same id within the dedup window): "
+            "not appended again",
+            registry=self.registry,
+        )
+        self.events_rejected = Counter(
+            "foundex_events_rejected_total",
+            "Event rows refused by validation (POST /v1/events)",
+            registry=self.registry,
+        )
+        # --- served impressions (the logging tier's input) ---
+        self.impressions_not_logged = Counter(
+            "foundex_impressions_not_logged_total",
+            "Served impressions (one per candidate) that lookups and scoring could not append "
+            "to the impressions stream (stream full, Redis error, no dataset spec): their "
+            "TAEs are not logged and they join no feedback",
+            registry=self.registry,
+        )
         self._hits = 0
         self._requested = 0
 

@@ -1,5 +1,5 @@
 """REST routes, one module-level router per resource: health, versions, experts, embeddings,
-admin. A route parses (pydantic schemas), calls a use-case of `api.services` with the shared
+events, admin. A route parses (pydantic schemas), calls a use-case of `api.services` with the shared
 context (a FastAPI dependency), records metrics from what it returns and presents the answer;
 domain errors become HTTP codes in `api.http_errors`."""
 
@@ -21,8 +21,12 @@ from api.schemas import (
     E401,
     E413,
     E422,
+    E503,
+    EVENTS_422,
     LOOKUP_ERRORS,
     OCTET,
+    EventsRequest,
+    EventsResponse,
     ExpertInfo,
     ExpertList,
     Health,
@@ -41,6 +45,8 @@ from api.schemas import (
 from api.security import require_admin, require_read
 from api.services import lifecycle
 from api.services.context import ServiceContext
+from api.services.errors import Overloaded
+from api.services.events import IngestResult, ingest
 from api.services.lookup import F16_MAX, LookupStats, lookup, score
 
 
@@ -70,6 +76,8 @@ def record(m: Metrics, stats: LookupStats | None) -> None:
             m.read_through_skipped.labels(reason).inc(n)
     if stats.write_errors:
         m.store_errors.labels("write").inc(stats.write_errors)
+    if stats.impressions_not_logged:
+        m.impressions_not_logged.inc(stats.impressions_not_logged)
     m.rows(stats.stored, stats.computed, stats.missing)
 
 
@@ -182,6 +190,49 @@ def lookup_route(req: LookupRequest, request: Request, ctx: Context, m: AppMetri
     )
 
 
+# --- events -----------------------------------------------------------------------------------
+
+events = APIRouter(**READ)
+
+
+def _record_ingest(m: Metrics, out: IngestResult) -> None:
+    m.events_ingested.inc(out.new)
+    m.events_duplicates.inc(out.duplicates)
+    m.events_rejected.inc(len(out.rejected))
+
+
+@events.post(
+    "/events",
+    response_model=EventsResponse,
+    responses={
+        409: _error("The repo has no dataset spec (data/events/spec.json)"),
+        422: _error(EVENTS_422),
+        429: _error("The events stream is full (its consumers are behind): nothing of the "
+                    "batch was dropped beyond what the detail says was taken in; resend it "
+                    "later (Retry-After), accepted ids deduplicate"),
+        **E503,
+    },
+)
+def ingest_events(req: EventsRequest, ctx: Context, m: AppMetrics) -> Response:
+    """Ingest a batch of events into the events stream (for the online histories and the
+    offline log). Bad rows are refused one by one (422, naming row and field) while the good
+    rows are accepted; resending a batch is safe (event ids deduplicate)."""
+    # A plain `def`: validation and the Redis appends block, so FastAPI runs it in its pool.
+    try:
+        out = ingest(ctx, req.events)
+    except Overloaded as e:
+        m.events_ingested.inc(e.appended)
+        raise
+    _record_ingest(m, out)
+    body = EventsResponse(accepted=out.accepted, duplicates=out.duplicates,
+                          event_ids=out.event_ids)
+    if not out.rejected:
+        return JSONResponse(body.model_dump())
+    rejected = [{"row": r.row, "field": r.field, "message": r.message} for r in out.rejected]
+    return JSONResponse({"detail": out.summary(), **body.model_dump(), "rejected": rejected},
+                        status_code=422)
+
+
 # --- admin ------------------------------------------------------------------------------------
 
 admin = APIRouter(
@@ -237,4 +288,4 @@ def reload_experts(ctx: Context) -> ReloadResponse:
     return ReloadResponse(experts=ctx.reload_experts())
 
 
-ROUTERS = (health, versions, experts, embeddings, admin)
+ROUTERS = (health, versions, experts, embeddings, events, admin)

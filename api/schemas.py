@@ -3,10 +3,10 @@ OpenAPI document lists. Bounds here are the contract's (DESIGN.md "Outside contr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from store_bridge.repo import FMVersion, view_name
 
@@ -173,3 +173,75 @@ class RetireResponse(BaseModel):
 
 class ReloadResponse(BaseModel):
     experts: list[str]
+
+
+# --- events (POST /v1/events) -------------------------------------------------------------------
+
+MAX_EVENTS = 10_000  # per request; the body limit (FOUNDEX_MAX_BODY_BYTES) usually binds first
+
+
+class EventIn(BaseModel):
+    """One event in the canonical schema. Documents the row shape only: rows are checked one
+    by one by the service (against the dataset spec too), so a bad row is refused alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Int64
+    item_id: Int64
+    event_timestamp: str | Int64 = Field(
+        description="ISO-8601 time with a zone (2026-01-05T10:00:00Z, ...+08:00), or integer "
+        "microseconds since the epoch; a time without a zone is refused. "
+        "1970-01-01 .. 2262-04-10 UTC",
+    )
+    surface: Name = Field(description="one of the dataset spec's surfaces")
+    action: int = Field(ge=0, le=32767, description="action id in [0, n_actions) of the spec")
+    labels: dict[str, float | None] = Field(
+        default={},
+        description="{task: value} for tasks of the dataset spec; a task not given (or null) is "
+        "NaN; a name that is not a task of the spec is refused, and so is an infinite value",
+    )
+    request_id: Int64 = Field(default=0, description="impressions shown together share one")
+    event_id: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="the client's id for the event (not starting with 'c-'); absent, one is "
+        "derived from (user, item, time, surface, action), so the same event sent twice gets "
+        "the same id. An id seen within FOUNDEX_EVENT_DEDUP_S seconds is a duplicate: "
+        "accepted, not appended again",
+    )  # fmt: skip
+    hour: int | None = Field(
+        default=None, description="ignored: derived from event_timestamp in the spec's time zone"
+    )
+
+
+_EVENTS_SCHEMA = {"type": "array", "items": EventIn.model_json_schema(), "minItems": 1,
+                  "maxItems": MAX_EVENTS}  # fmt: skip
+
+
+class EventsRequest(BaseModel):
+    model_config = STRICT
+
+    # Rows are not validated here as a whole (one bad row would refuse the batch): the
+    # service checks each and refuses only the bad ones. The document shows EventIn.
+    events: Annotated[list[Any], WithJsonSchema(_EVENTS_SCHEMA)] = Field(
+        min_length=1, max_length=MAX_EVENTS
+    )
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(
+        description="events taken in: appended now, or already in the stream (duplicates)"
+    )
+    duplicates: int = Field(
+        description="accepted events the stream already held (same id within the dedup "
+        "window, or repeated in this batch): not appended again"
+    )
+    event_ids: list[str] = Field(description="the id of each accepted event, in input order")
+
+
+EVENTS_422 = (
+    "Invalid input. For a batch whose rows are objects, the VALID ROWS ARE ACCEPTED and the "
+    "body adds to `detail` (one line naming the first bad rows and fields, then a count) the "
+    "fields of a 200 answer (`accepted`, `duplicates`, `event_ids` of the accepted rows) and "
+    "`rejected`: [{`row` (0-based index in `events`), `field`, `message`}], one per refused "
+    "row. A body that is not `{\"events\": [...]}` is refused as a whole (`detail` only)."
+)

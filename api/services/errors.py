@@ -1,11 +1,11 @@
 """Domain errors of the service layer. The faces map them once: REST in `api.http_errors`
-(404, 409, 422, 503), the CLI to `error: ...` and exit 2."""
+(404, 409, 422, 429, 503), the CLI to `error: ...` and exit 2."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Conflict", "Invalid", "NotFound", "ServiceError", "Unavailable"]  # + StoreUnavailable
+__all__ = ["Conflict", "Invalid", "NotFound", "Overloaded", "ServiceError", "Unavailable"]  # + StoreUnavailable
 
 
 class ServiceError(Exception):
@@ -23,6 +23,16 @@ class Conflict(ServiceError):
 
 class Invalid(ServiceError, ValueError):
     """The caller's input is wrong in a way the schema cannot see (422)."""
+
+
+class Overloaded(ServiceError):
+    """A bounded queue is full (the events stream holds as many entries as its consumers may
+    fall behind by): nothing was dropped, the caller retries later (429). `appended`: events
+    of the call appended before it filled (a retry of the whole call is safe: ids dedup)."""
+
+    def __init__(self, message: str, *, appended: int = 0) -> None:
+        super().__init__(message)
+        self.appended = appended
 
 
 class Unavailable(ServiceError):
