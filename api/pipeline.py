@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from api.services.context import ServiceContext
+from api.services.histories import backfill_histories
 from api.services.offline import log_impressions
 from api.settings import Settings
 from experts import (
@@ -192,6 +193,10 @@ def run_demo(
         unseen_tasks=list(spec.unseen_tasks),
     )
     say(f"    {len(events):,} impressions, {spec.n_users} users, {spec.n_items} items")
+    # Read-through reads users' histories from Redis: seed them from the log just written.
+    seeded = backfill_histories(ctx)
+    say(f"    {seeded:,} events into the online histories (newest "
+        f"{ctx.settings.history_cap} per user)")
     feast_apply(repo, redis_url)
     lap("data")
     done()

@@ -16,11 +16,17 @@ gives the same TAEs as encoding again. The check is a fingerprint of the history
 request: (events of the user strictly before it, kept length, time of the last event). When the
 user's history grows, the fingerprint changes and the entry is replaced. This assumes an
 append-only event log (events are added, never rewritten).
+
+A store that may change a history without changing its fingerprint (a capped history drops its
+oldest event as a late one arrives) keeps a per-user version counter instead, and passes it
+with the histories (`compute(..., histories=, versions=)`): an entry recorded under another
+version is dropped.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -47,13 +53,15 @@ class _Entry:
     fingerprint: Fingerprint
     kv: list[tuple[Tensor, Tensor]]  # per layer: k, v [H, n, dh], n = the history's length
     nbytes: int
+    version: int | None = None  # the caller's history version it was encoded from, if any
 
 
 class HistoryCache:
     """Per-user encoded histories (per-layer K/V), LRU within a byte budget.
 
     One entry per user: the newest history seen for them. `get` returns it only when the
-    fingerprint matches; a request with a grown history drops it (and refills it).
+    fingerprint (and the history version, where the caller keeps one) matches; a request with
+    a grown history, or another version of it, drops it (and refills it).
     """
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
@@ -72,36 +80,44 @@ class HistoryCache:
         e = self._entries.get(int(user_id))
         return None if e is None else e.fingerprint
 
-    def get(self, user_id: int, fingerprint: Fingerprint) -> list[tuple[Tensor, Tensor]] | None:
+    def get(
+        self, user_id: int, fingerprint: Fingerprint, version: int | None = None
+    ) -> list[tuple[Tensor, Tensor]] | None:
         """The user's cached K/V if it encodes exactly this history, else None.
 
         A request whose history is newer than the entry (the history grew, or the log was
         rewritten) drops the entry; an older one (a backfill) misses and leaves it be.
+        `version`: the caller's version of the user's history (None: it keeps none); an
+        entry recorded under another version is dropped whatever the fingerprint says.
         """
         user_id = int(user_id)
         e = self._entries.get(user_id)
-        if e is not None and e.fingerprint == fingerprint:
+        if e is not None and e.version == version and e.fingerprint == fingerprint:
             self._entries.move_to_end(user_id)
             self.stats.hits += 1
             return e.kv
         self.stats.misses += 1
-        if e is not None and fingerprint[0] >= e.fingerprint[0]:
+        if e is not None and (e.version != version or fingerprint[0] >= e.fingerprint[0]):
             self._drop(user_id)
             self.stats.invalidations += 1
         return None
 
-    def put(self, user_id: int, fingerprint: Fingerprint, kv: list[tuple[Tensor, Tensor]]) -> None:
-        """Keep the user's newest history: an older one never replaces a newer entry."""
+    def put(
+        self, user_id: int, fingerprint: Fingerprint, kv: list[tuple[Tensor, Tensor]],
+        version: int | None = None,
+    ) -> None:  # fmt: skip
+        """Keep the user's newest history: an older one of the same version never replaces
+        a newer entry; one of another version always does."""
         user_id = int(user_id)
         e = self._entries.get(user_id)
         if e is not None:
-            if e.fingerprint[0] > fingerprint[0]:
+            if e.version == version and e.fingerprint[0] > fingerprint[0]:
                 return
             self._drop(user_id)
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes:
             return
-        self._entries[user_id] = _Entry(fingerprint, kv, nbytes)
+        self._entries[user_id] = _Entry(fingerprint, kv, nbytes, version)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
             old = next(iter(self._entries))
@@ -161,14 +177,15 @@ class TAEEngine:
     def __init__(
         self,
         model: FoundationModel,
-        histories: UserHistories,
+        histories: UserHistories | None,
         device: str | torch.device = "cpu",
         *,
         max_groups: int = 512,  # requests per forward
         max_rows: int = 16384,  # candidates per forward (bounds padding memory)
         history_cache: HistoryCache | bool | None = None,
     ) -> None:
-        """history_cache: True (a fresh `HistoryCache`), or one to share; None/False: none."""
+        """histories: the events every call reads unless it passes its own (None: each call
+        must); history_cache: True (a fresh `HistoryCache`), or one to share; None/False: none."""
         self.model = model.to(device).eval()
         self.config = model.config
         self.histories = histories
@@ -207,6 +224,9 @@ class TAEEngine:
         item_ids: np.ndarray,
         ts_us: np.ndarray,
         surfaces: np.ndarray,
+        *,
+        histories: UserHistories | None = None,
+        versions: Mapping[int, int] | None = None,
     ) -> np.ndarray:
         """One TAE per input row -> float32 [n, d], in the input row order.
 
@@ -216,7 +236,16 @@ class TAEEngine:
         surfaces: [n] names from config.surfaces (ValueError otherwise).
         A row whose candidate is outside the vocabulary (`known_items` False) is not
         embedded: its row is all NaN. Callers skip or report those rows.
+
+        histories: this call's events (else the engine's own; ValueError when neither). The
+        engine keeps nothing of them but cache entries, so threads that serialise their
+        calls may each pass their own. versions: user -> the version of that user's history
+        in `histories` (any int that changes whenever it does); a cache entry recorded under
+        another version is not used. Users missing from it are cached by fingerprint alone.
         """
+        histories = self.histories if histories is None else histories
+        if histories is None:
+            raise ValueError("TAEEngine has no histories of its own: pass histories=")
         user_ids = np.asarray(user_ids, dtype=np.int64).reshape(-1)
         item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         ts_us = np.asarray(ts_us, dtype=np.int64).reshape(-1)
@@ -229,15 +258,18 @@ class TAEEngine:
             )
         known = self.known_items(item_ids)
         if known.all():
-            return self._compute(user_ids, item_ids, ts_us, surf)
+            return self._compute(histories, versions, user_ids, item_ids, ts_us, surf)
         out = np.full((n, self.dim), np.nan, dtype=np.float32)
         if known.any():
-            out[known] = self._compute(user_ids[known], item_ids[known], ts_us[known], surf[known])
+            out[known] = self._compute(
+                histories, versions, user_ids[known], item_ids[known], ts_us[known], surf[known]
+            )
         return out
 
     def _compute(
-        self, user_ids: np.ndarray, item_ids: np.ndarray, ts_us: np.ndarray, surf: np.ndarray
-    ) -> np.ndarray:
+        self, histories: UserHistories, versions: Mapping[int, int] | None,
+        user_ids: np.ndarray, item_ids: np.ndarray, ts_us: np.ndarray, surf: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
         """`compute` over rows whose candidates are all known; surf: codes -> float32 [n, d]."""
         n = len(user_ids)
         out = np.zeros((n, self.dim), dtype=np.float32)
@@ -259,7 +291,7 @@ class TAEEngine:
             a, b = offsets[g0], offsets[g1]
             rows = order[a:b]
             batch = collate(
-                self.histories,
+                histories,
                 self.config,
                 u[starts[g0:g1]],
                 t[starts[g0:g1]],
@@ -268,19 +300,26 @@ class TAEEngine:
                 surf[rows],
             ).to(self.device)
             users, times = u[starts[g0:g1]], t[starts[g0:g1]]
-            state = self._history_state(batch, users, times)  # history once per group
+            state = self._history_state(histories, versions, batch, users, times)
             tae = self.model.encode_targets(batch, state)  # [G, M, d]
             # tgt_mask is row-major over (group, candidate): same order as `rows`
             out[rows] = tae[batch.tgt_mask].float().cpu().numpy()
             g0 = g1
         return out
 
-    def _history_state(self, batch: Batch, users: np.ndarray, times: np.ndarray) -> HistoryState:
+    def _history_state(
+        self, histories: UserHistories, versions: Mapping[int, int] | None, batch: Batch,
+        users: np.ndarray, times: np.ndarray,
+    ) -> HistoryState:  # fmt: skip
+        """Each group's encoded history (once per group), from the cache where it holds it."""
         if self.cache is None:
             return self.model.encode_history(batch)
-        fps = history_fingerprints(self.histories, users, times, self.config.max_history)
+        fps = history_fingerprints(histories, users, times, self.config.max_history)
         keys = [tuple(int(x) for x in fp) for fp in fps]
-        kv_rows = [self.cache.get(int(us), fp) for us, fp in zip(users, keys, strict=True)]
+        vers = [None if versions is None else versions.get(int(us)) for us in users]
+        kv_rows = [
+            self.cache.get(int(us), fp, ver) for us, fp, ver in zip(users, keys, vers, strict=True)
+        ]
         miss = [i for i, kv in enumerate(kv_rows) if kv is None]
         fresh = None
         if miss:
@@ -289,7 +328,7 @@ class TAEEngine:
             for j, i in enumerate(miss):
                 n = int(sub.hist_len[j])
                 kv = [(k[j, :, :n].clone(), v[j, :, :n].clone()) for k, v in fresh.kv]
-                self.cache.put(int(users[i]), keys[i], kv)
+                self.cache.put(int(users[i]), keys[i], kv, vers[i])
                 kv_rows[i] = kv
             if len(miss) == len(users):  # nothing reused: the fresh state is the batch's
                 return fresh
@@ -310,16 +349,21 @@ class TAEEngine:
         return HistoryState(kv=kv_layers, hist_len=batch.hist_len)
 
     def compute_request(
-        self, user_id: int, ts_us: int, surface: str, item_ids: np.ndarray
-    ) -> np.ndarray:
+        self, user_id: int, ts_us: int, surface: str, item_ids: np.ndarray, *,
+        histories: UserHistories | None = None, history_version: int | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """TAEs of one request's candidates -> float32 [M, d] (NaN rows for candidates
         outside the vocabulary, as in `compute`). ts_us: the request time, int microseconds
-        since the epoch (UTC); the hour of day comes from it."""
+        since the epoch (UTC); the hour of day comes from it. histories, history_version:
+        this call's events and the version of the user's history in them (see `compute`)."""
         item_ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
         m = len(item_ids)
+        versions = None if history_version is None else {int(user_id): int(history_version)}
         return self.compute(
             np.full(m, user_id, dtype=np.int64),
             item_ids,
             np.full(m, ts_us, dtype=np.int64),
             np.full(m, surface, dtype=object),
+            histories=histories,
+            versions=versions,
         )

@@ -265,6 +265,7 @@ def test_logged_served_and_trained_taes_agree_for_one_instant(kuairand_fm, tmp_p
     from store_bridge.online import RedisEmbeddingStore
     from store_bridge.redis_server import redis_client
     from store_bridge.repo import FeatureRepo, FMVersion, Manifest
+    from store_bridge.streams.histories import OnlineHistories
 
     events, items, spec, cfg, model = kuairand_fm
     _, want = trained_taes(events, cfg, model)
@@ -292,8 +293,11 @@ def test_logged_served_and_trained_taes_agree_for_one_instant(kuairand_fm, tmp_p
     logged = pq.read_table(files[0]).to_pandas().set_index("item_id").loc[CANDIDATES]
     np.testing.assert_allclose(np.stack(logged["embedding"]), want, atol=1e-5)
 
-    # read-through: the route hands the FM tier the request's datetime
-    tier = FMTier(repo)
+    # read-through: the route hands the FM tier the request's datetime; the tier reads the
+    # user's history from the online histories, seeded from the same log
+    online = OnlineHistories(redis_client(redis_url), "tz_agree", spec.surfaces)
+    online.backfill(events)
+    tier = FMTier(repo, online)
     assert tier.surfaces(entry) is not None
     seen_serve = spy_hours(tier._engine(entry).engine.model)
     served = tier.compute(entry, USER, np.array(CANDIDATES), SURFACE, INSTANT)
