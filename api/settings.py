@@ -33,3 +33,25 @@ class Settings(BaseSettings):
 
     # Structured (JSON) request logs on the "foundex.api" logger.
     json_logs: bool = True
+
+    # The live loop (Redis Streams; see store_bridge/streams). A stream holds at most this
+    # many entries (record batches of up to `stream_batch_events` events) that some consumer
+    # group has not acknowledged; past that, ingestion answers 429 instead of dropping.
+    stream_max_entries: int = Field(default=20_000, gt=0)
+    stream_batch_events: int = Field(default=1000, gt=0)
+    # Appends of ingested events may take longer than a lookup's store call (redis_timeout_s).
+    stream_write_timeout_s: float = Field(default=2.0, gt=0)
+    # An event id seen within this many seconds is not ingested again (client retries).
+    event_dedup_s: int = Field(default=600, ge=0)
+    # Online histories: events kept per user (>= every FM's max_history), and how long an
+    # inactive user's history is kept (0: forever).
+    history_cap: int = Field(default=256, gt=0)
+    history_ttl_s: int = Field(default=0, ge=0)
+    # Served impressions go to the impressions stream for the logging consumer, through an
+    # in-memory buffer flushed every impression_flush_ms (a SIGKILL loses at most that much)
+    # and bounded to impression_buffer_rows (past it, impressions are counted as not logged).
+    log_served_impressions: bool = True
+    impression_flush_ms: int = Field(default=20, gt=0)
+    impression_buffer_rows: int = Field(default=200_000, gt=0)
+    # Feedback joins its impression when it arrives within this many seconds of the request.
+    join_window_s: int = Field(default=1800, gt=0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ def tae_table(user_ids, item_ids, ts_us, matrix: np.ndarray) -> pa.Table:
             "embedding": emb,
         }
     )
+
+
+_JOB_ID = re.compile(r"[A-Za-z0-9._]{1,128}")
 
 
 def _job_id(imp: pd.DataFrame) -> str:
@@ -180,6 +184,8 @@ def log_version(
     *,
     chunk_rows: int = 20000,
     progress: bool = True,
+    job: str | None = None,
+    resume: bool = True,
 ) -> LogReport:
     """Compute and store one version's TAEs for the impressions (already prepared).
 
@@ -187,13 +193,23 @@ def log_version(
     rerun writes to the same names. Per chunk, online rows are written first and the day files
     last (each atomically renamed into place); a chunk whose every file exists is complete and a
     rerun skips it, any other chunk is computed and written again over its partial output.
+
+    job: the id naming the files (letters, digits, `.`, `_`; default: a hash of the input).
+    resume=False (a stream consumer, whose job id comes from its entry ids and whose batches
+    are always chunked alike): every chunk is computed and written again, replacing its own
+    files, and no other run's files are looked for. Raises ValueError for a bad job id or
+    chunk_rows, BadEmbeddings (NaN/Inf: nothing of that chunk stored), StoreUnavailable.
     """
     if chunk_rows <= 0:
         raise ValueError("chunk_rows must be positive")
+    if job is not None and not _JOB_ID.fullmatch(job):
+        raise ValueError(f"job id {job!r} is not a file-name piece (letters, digits, '.', '_')")
     t0 = time.perf_counter()
     imp = impressions
-    job = _job_id(imp)  # of the whole input, so a rerun (same input) finds its own files
-    _clear_other_runs(repo, version, job, chunk_rows)
+    # By default of the whole input, so a rerun (same input) finds its own files.
+    job = job if job is not None else _job_id(imp)
+    if resume:
+        _clear_other_runs(repo, version, job, chunk_rows)
     known = _known_rows(version, tae_fn, imp)
     unknown = int((~known).sum())
     if unknown:
@@ -212,7 +228,7 @@ def log_version(
         d = dates[sl]
         days = np.unique(d)
         targets = _chunk_files(repo, version, job, f"r{chunk_rows}-{n:05d}", days)
-        if all(p.exists() for p in targets):  # done by an earlier run of this job
+        if resume and all(p.exists() for p in targets):  # done by an earlier run of this job
             skipped += 1
             bar.update(len(d))
             continue

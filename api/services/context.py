@@ -28,6 +28,15 @@ if TYPE_CHECKING:  # torch and Feast load only when a use-case needs them (fast 
     from experts import ExpertConfig, ExpertModel
     from store_bridge.fm_tier import FMTier
     from store_bridge.online import RedisEmbeddingStore
+    from store_bridge.streams.histories import OnlineHistories
+    from store_bridge.streams.impression_buffer import ImpressionBuffer
+    from store_bridge.streams.stream import RedisStream
+
+# The live loop's streams and the consumer groups that must see every entry of each (created
+# with the stream, so retention waits for them from the first entry).
+EVENTS_STREAM, IMPRESSIONS_STREAM = "events", "impressions"
+EVENT_GROUPS = ("histories", "offline")
+IMPRESSION_GROUPS = ("logging",)
 
 
 class ServiceContext:
@@ -82,9 +91,75 @@ class ServiceContext:
 
     @cached_property
     def fm_tier(self) -> FMTier:
+        """Read-through's engines over the online histories, which it builds on first compute
+        (so building the tier touches neither Redis nor the dataset spec)."""
         from store_bridge.fm_tier import FMTier
 
-        return FMTier(self.repo)
+        return FMTier(self.repo, self._fm_histories)
+
+    def _fm_histories(self) -> OnlineHistories | None:
+        """`histories` for the FM tier: None (read-through off, with a warning) when the repo
+        has no dataset spec."""
+        try:
+            return self.histories
+        except Conflict:
+            return None
+
+    @cached_property
+    def stream_client(self) -> redis.Redis:
+        """A client for ingestion's appends: a batch of a thousand events is one server-side
+        script of a few ms, which the lookups' tight timeout would cut off under load."""
+        timeout = max(self.redis_timeout_s, self.settings.stream_write_timeout_s)
+        return redis_client(self.redis_url, timeout=timeout, connect_timeout=self._connect_timeout_s)
+
+    @cached_property
+    def events_stream(self) -> RedisStream:
+        """The live event stream (groups histories and offline see every event)."""
+        from store_bridge.streams.stream import RedisStream
+
+        return RedisStream(
+            self.stream_client, self.repo.project, EVENTS_STREAM,
+            max_entries=self.settings.stream_max_entries, dedup_s=self.settings.event_dedup_s,
+            groups=EVENT_GROUPS,
+        )  # fmt: skip
+
+    @cached_property
+    def impressions_stream(self) -> RedisStream:
+        """Served impressions, for the logging consumer."""
+        from store_bridge.streams.stream import RedisStream
+
+        return RedisStream(
+            self.client, self.repo.project, IMPRESSIONS_STREAM,
+            max_entries=self.settings.stream_max_entries, dedup_s=0, groups=IMPRESSION_GROUPS,
+        )  # fmt: skip
+
+    @cached_property
+    def impression_buffer(self) -> ImpressionBuffer:
+        """Served impressions on their way to the impressions stream (flushed in the
+        background; `close` flushes what is left)."""
+        from store_bridge.streams.impression_buffer import ImpressionBuffer
+
+        return ImpressionBuffer(
+            self.impressions_stream, flush_interval_s=self.settings.impression_flush_ms / 1000,
+            max_rows=self.settings.impression_buffer_rows,
+            max_batch_rows=self.settings.stream_batch_events * 20,
+        )  # fmt: skip
+
+    @cached_property
+    def histories(self) -> OnlineHistories:
+        """Per-user recent histories in Redis, surface codes in the dataset's order. Raises
+        Conflict when the repo has no dataset spec (`data/events/spec.json`)."""
+        from store_bridge.events.schema import DatasetSpec
+        from store_bridge.streams.histories import OnlineHistories
+
+        spec_path = self.repo.events_dir / "spec.json"
+        if not spec_path.is_file():
+            raise Conflict(f"no dataset spec at {spec_path}: run `foundex demo` or load a dataset")
+        spec = DatasetSpec.load(spec_path)
+        return OnlineHistories(
+            self.client, self.repo.project, spec.surfaces, cap=self.settings.history_cap,
+            ttl_s=self.settings.history_ttl_s,
+        )  # fmt: skip
 
     @cached_property
     def fetchers(self) -> ThreadPoolExecutor:
@@ -120,10 +195,13 @@ class ServiceContext:
         _ = self.store, self.fetchers, self.fm_tier
 
     def close(self) -> None:
+        if "impression_buffer" in self.__dict__:
+            self.impression_buffer.close()
         if "fetchers" in self.__dict__:
             self.fetchers.shutdown(wait=False)
-        if "client" in self.__dict__:
-            self.client.close()
+        for name in ("client", "stream_client"):
+            if name in self.__dict__:
+                self.__dict__[name].close()
 
     # --- the repo's files, re-read when they change ---
 

@@ -1,14 +1,24 @@
 """Lookup and score: a version's TAEs read from the online store, missing rows computed by the
 FM tier (read-through) and written back, and an expert's scores over them.
 
-What happened on the way (rows unusable, read-through skipped, a failed write-back) is
-returned in `LookupStats`; the REST face turns it into metrics.
+What happened on the way (rows unusable, read-through skipped, a failed write-back,
+impressions that could not be logged) is returned in `LookupStats`; the REST face turns it
+into metrics.
+
+Served impressions: when `settings.log_served_impressions` is on, every lookup and score
+hands its candidates (user, item, request time, surface) to the context's impression buffer,
+which appends them to the impressions stream in the background, one record batch per flush,
+for the logging consumer (`store_bridge.streams.impressions`). The request time is taken once,
+when the request starts: read-through computes with it and the impressions carry it. A full
+stream or a Redis error never fails the request: the buffer keeps the rows and retries, and
+what it cannot hold is counted in `LookupStats.impressions_not_logged`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from api.services.context import ServiceContext, as_int_array
-from api.services.errors import Invalid, StoreUnavailable
+from api.services.errors import Conflict, Invalid, StoreUnavailable
 from experts import ExpertConfig, predict
 from fm.timefeatures import to_us
 from store_bridge.online import EmbeddingRows
@@ -26,12 +36,14 @@ from store_bridge.repo import FMVersion
 log = logging.getLogger("foundex.api")
 
 F16_MAX = float(np.finfo(np.float16).max)  # 65504: beyond it a value would become inf in f16
+WARN_EVERY_S = 10.0  # impressions-not-logged warnings: at most one line this often
 
 
 @dataclass
 class LookupStats:
     """Counts for the metrics: rows by source, unusable rows by reason, read-through skips by
-    reason, and failed write-backs."""
+    reason, failed write-backs, and served impressions not appended to the impressions stream
+    (one per candidate)."""
 
     stored: int = 0
     computed: int = 0
@@ -39,25 +51,30 @@ class LookupStats:
     unusable: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     write_errors: int = 0
+    impressions_not_logged: int = 0
 
 
 @dataclass
 class Embeddings:
     """One version's TAEs of the candidates: `matrix` float32 [n, dim] (missing rows NaN),
-    `missing` and `computed` ascending, disjoint indices into the candidates."""
+    `missing` and `computed` ascending, disjoint indices into the candidates; `surface` the
+    one the lookup resolved (named by the request or the expert, else the FM's first as
+    read-through chose it; None when neither named one and read-through did not run)."""
 
     version: FMVersion
     matrix: np.ndarray
     missing: list[int]
     computed: list[int]
     stats: LookupStats
+    surface: str | None = None
 
 
 @dataclass
 class Scores:
     """An expert's scores: `scores` float [n, n_tasks]; indices scored without a TAE
-    (`missing`) and with one computed now (`computed`); `stats` None for an expert without
-    FM embeddings (nothing was looked up)."""
+    (`missing`) and with one computed now (`computed`); `stats` the lookup's counts (for an
+    expert without FM embeddings nothing was looked up: only `impressions_not_logged` can be
+    non-zero)."""
 
     expert: ExpertConfig
     scores: np.ndarray
@@ -93,6 +110,7 @@ def lookup(
     surface the FM lacks), StoreUnavailable.
     """
     check_size(ctx, item_ids)
+    now_us = to_us(datetime.now(UTC))  # the request time: computed with, and logged with
     if expert is not None:
         cfg = ctx.expert(expert)
         if cfg.fm_version is None:
@@ -101,7 +119,11 @@ def lookup(
         surface = surface or cfg.surface
     else:
         version = ctx.version(fm_version or "")
-    return embeddings(ctx, version, user_id, as_int_array(item_ids), surface, limit=limit)
+    items = as_int_array(item_ids)
+    found = embeddings(ctx, version, user_id, items, surface, limit=limit, now_us=now_us)
+    log_served(ctx, found.stats, user_id, items, now_us, found.surface,
+               fm_version=version.version, expert=expert)
+    return found
 
 
 def unservable(matrix: np.ndarray, missing: list[int], limit: float) -> list[int]:
@@ -124,8 +146,10 @@ def embeddings(
     rows: EmbeddingRows | None = None,
     surface_from_request: bool = True,
     limit: float = math.inf,
+    now_us: int | None = None,
 ) -> Embeddings:
-    """One version's TAEs of `items` (int64 [n]) for a user.
+    """One version's TAEs of `items` (int64 [n]) for a user; read-through computes them as of
+    `now_us` (the request time, µs since the epoch; default: now).
 
     Stored rows first (`rows`, when the caller read them already). Rows the store could not
     decode or that hold NaN/Inf count as missing, so read-through computes them again and its
@@ -146,9 +170,10 @@ def embeddings(
         missing = sorted({*missing, *bad})
     computed: list[int] = []
     if missing and ctx.settings.read_through and version.status == "active":
-        matrix, missing, computed = _read_through(
+        matrix, missing, computed, surface = _read_through(
             ctx, stats, version, user_id, items, matrix, missing, surface,
             surface_from_request=surface_from_request,
+            now_us=to_us(datetime.now(UTC)) if now_us is None else now_us,
         )
     bad = unservable(matrix, missing, limit)
     if bad:
@@ -161,15 +186,17 @@ def embeddings(
         computed = [i for i in computed if i not in dropped]
     stats.stored = len(items) - len(missing) - len(computed)
     stats.computed, stats.missing = len(computed), len(missing)
-    return Embeddings(version, matrix, missing, computed, stats)
+    return Embeddings(version, matrix, missing, computed, stats, surface)
 
 
 def _read_through(
     ctx: ServiceContext, stats: LookupStats, version: FMVersion, user_id: int,
     items: np.ndarray, matrix: np.ndarray, missing: list[int], surface: str | None, *,
-    surface_from_request: bool = True,
-) -> tuple[np.ndarray, list[int], list[int]]:
-    """Compute the missing rows with the same FM version, write them back, fill them in.
+    surface_from_request: bool = True, now_us: int,
+) -> tuple[np.ndarray, list[int], list[int], str | None]:
+    """Compute the missing rows with the same FM version as of `now_us`, write them back,
+    fill them in -> (matrix, missing, computed, the surface used: the FM's first when
+    `surface` is None and the FM's surfaces are known).
 
     Only for users with history in the FM tier's event log: an unknown user's rows stay
     missing and nothing is written, so requests cannot fill the online store with rows for
@@ -178,7 +205,7 @@ def _read_through(
 
     A surface the FM does not know is the caller's error (Invalid) when the request named it;
     when it is an expert's own surface, the stored rows are served as they are."""
-    nothing: tuple[np.ndarray, list[int], list[int]] = (matrix, missing, [])
+    nothing: tuple[np.ndarray, list[int], list[int], str | None] = (matrix, missing, [], surface)
     try:
         known = ctx.fm_tier.surfaces(version)  # loads the version's engine on first use
     except Exception:  # an unreadable event log or checkpoint: serve what is stored
@@ -188,11 +215,11 @@ def _read_through(
         return nothing
     if surface is None:
         surface = known[0]  # neither the request nor an expert named one: the FM's first
+        nothing = (matrix, missing, [], surface)
     elif surface not in known:
         if not surface_from_request:
             return nothing
         raise Invalid(f"unknown surface {surface!r}; FM {version.version} knows {known}")
-    now_us = to_us(datetime.now(UTC))  # one instant: computed with, and written back with
     holes = np.asarray(missing, dtype=np.int64)
     try:
         result = ctx.fm_tier.compute(version, user_id, items[holes], surface, now_us)
@@ -219,7 +246,45 @@ def _read_through(
         log.warning("write-back failed", extra={"fields": {"error": str(e)}})
     computed = sorted(int(i) for i in done)
     left = sorted(set(missing) - set(computed))
-    return matrix, left, computed
+    return matrix, left, computed, surface
+
+
+def log_served(
+    ctx: ServiceContext, stats: LookupStats, user_id: int, items: np.ndarray, now_us: int,
+    surface: str | None, *, fm_version: str | None, expert: str | None,
+) -> None:  # fmt: skip
+    """Hand a request's served impressions (`items`, int64 [n]) to the context's impression
+    buffer, which appends them to the impressions stream in the background
+    (`store_bridge.streams.impression_buffer`). `surface`: the one the request resolved;
+    None -> the dataset spec's first, which is every loadable FM version's first (`load_engine`
+    refuses another order), so no FM is loaded for it.
+
+    Never raises: impressions the buffer refuses (full: the stream has not taken appends for
+    a while) or that cannot be described (a repo without a dataset spec) are counted in
+    `stats.impressions_not_logged`."""
+    if not ctx.settings.log_served_impressions or len(items) == 0:
+        return
+    try:
+        if surface is None:
+            surface = ctx.histories.surfaces[0]
+    except Conflict as e:
+        stats.impressions_not_logged += len(np.unique(items))
+        _warn_unlogged(str(e))
+        return
+    if not ctx.impression_buffer.submit(
+        user_id, items, now_us, surface, fm_version=fm_version, expert=expert
+    ):
+        stats.impressions_not_logged += len(np.unique(items))
+
+
+_warned_at = [-math.inf]
+
+
+def _warn_unlogged(error: str) -> None:
+    """One warning line per WARN_EVERY_S at most."""
+    if time.monotonic() - _warned_at[0] >= WARN_EVERY_S:
+        _warned_at[0] = time.monotonic()
+        log.warning("impressions not logged", extra={"fields": {"error": error}})
 
 
 def score(ctx: ServiceContext, name: str, user_id: int, item_ids: list[int]) -> Scores:
@@ -228,6 +293,7 @@ def score(ctx: ServiceContext, name: str, user_id: int, item_ids: list[int]) -> 
 
     Raises NotFound, Conflict, Invalid (too many candidates), StoreUnavailable."""
     check_size(ctx, item_ids)
+    now_us = to_us(datetime.now(UTC))  # the request time: computed with, and logged with
     cfg = ctx.expert(name)
     version = ctx.pinned_version(cfg) if cfg.fm_version is not None else None
     model = ctx.expert_model(cfg)  # loads from disk on first use
@@ -247,14 +313,20 @@ def score(ctx: ServiceContext, name: str, user_id: int, item_ids: list[int]) -> 
     frame["recent_items"] = [_last_k(feats["recent_items"][0] or [], k)] * len(items)
     frame["recent_actions"] = [_last_k(feats["recent_actions"][0] or [], k)] * len(items)
     if rows is None or version is None:  # the no-FM baseline
-        return Scores(cfg, np.asarray(predict(model, frame), dtype=float), [], [], None)
+        probs = np.asarray(predict(model, frame), dtype=float)
+        stats = LookupStats()
+        log_served(ctx, stats, user_id, items, now_us, cfg.surface, fm_version=None,
+                   expert=cfg.name)
+        return Scores(cfg, probs, [], [], stats)
     # The same rules and read-through as a lookup: the expert scores with the TAE it was
     # trained on rather than without one.
     found = embeddings(ctx, version, user_id, items, cfg.surface, rows=rows,
-                       surface_from_request=False)
+                       surface_from_request=False, now_us=now_us)
     gone = set(found.missing)
     frame["embedding"] = [None if i in gone else r for i, r in enumerate(found.matrix)]
     probs = np.asarray(predict(model, frame), dtype=float)
+    log_served(ctx, found.stats, user_id, items, now_us, found.surface,
+               fm_version=version.version, expert=cfg.name)
     return Scores(cfg, probs, found.missing, found.computed, found.stats)
 
 
