@@ -414,6 +414,250 @@ def _ping_redis(ctx: ServiceContext) -> None:
         _fail(f"redis at {_shown_url(url)} does not answer: {e}")
 
 
+@app.command("ingest")
+def ingest_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(help="event log in the canonical schema, parquet (.parquet) or CSV (.csv): "
+                            "user_id, item_id, event_timestamp (with a time zone), surface, "
+                            "action; optional request_id, event_id, one column per task label"),
+    ],
+    repo: RepoOpt = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="events per second to replay at (default: as fast as "
+                                     "possible)"),
+    ] = None,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="no progress bar (drawn only on a terminal)")
+    ] = False,
+) -> None:
+    """Replay an event log into the events stream, in event-time order, through the same
+    checks as POST /v1/events. Bad rows are reported (the first few) and the rest ingested;
+    exit code 1 if any row was rejected. A full stream is waited on (with backoff) until its
+    consumers (`foundex consume histories|offline`) catch up: nothing is dropped. Safe to rerun:
+    event ids deduplicate within FOUNDEX_EVENT_DEDUP_S seconds."""
+    settings = _settings(repo)
+    frame = _read_event_log(file)
+    from api.services.errors import Invalid, ServiceError
+    from api.services.events import dataset_spec
+
+    ctx = _context(settings, bulk=True)
+    try:
+        dataset_spec(ctx)  # before Redis starts
+    except ServiceError as e:
+        _service_error(e)
+    order = _event_time_order(frame)
+    frame = frame.iloc[order].reset_index(drop=True)
+    size = settings.stream_batch_events
+    if rate is not None:  # small chunks at low rates, so the pace is smooth (~20 appends/s)
+        size = max(1, min(size, int(rate / 20)))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(frame), desc="ingest", unit="ev",
+               disable=no_progress or not sys.stderr.isatty())  # fmt: skip
+    totals = {"accepted": 0, "duplicates": 0}
+    rejected: list[tuple[int, str, str]] = []
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, len(frame), size):
+            chunk = frame.iloc[start : start + size]
+            if rate is not None:  # pace: the chunk goes when the events before it are due
+                time.sleep(max(0.0, t0 + start / rate - time.perf_counter()))
+            out = _ingest_waiting(ctx, chunk)
+            totals["accepted"] += out.accepted
+            totals["duplicates"] += out.duplicates
+            rejected += [(int(order[start + r.row]), r.field, r.message) for r in out.rejected]
+            bar.update(len(chunk))
+    except Invalid as e:  # the file's columns as a whole
+        _fail(f"{file}: {e}")
+    except ServiceError as e:
+        _service_error(e)
+    except RuntimeError as e:
+        # StoreUnavailable, imported only now: its module loads Feast, seconds a command that
+        # never meets it must not pay.
+        from api.services.errors import StoreUnavailable
+
+        if not isinstance(e, StoreUnavailable):
+            raise
+        _fail(f"redis at {_shown_url(ctx.redis_url)} stopped answering ({e}); run the same "
+              "command again: what went in already is recognised by its event ids")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    for row, name, message in sorted(rejected)[:5]:
+        typer.echo(f"rejected row {row} {name}: {message}", err=True)
+    if len(rejected) > 5:
+        typer.echo(f"... and {len(rejected) - 5:,} more rejected rows", err=True)
+    typer.echo(
+        f"ingested {file}: {totals['accepted']:,} events accepted ({totals['duplicates']:,} "
+        f"duplicates), {len(rejected):,} rejected, in {seconds:.1f}s "
+        f"({totals['accepted'] / max(seconds, 1e-9):,.0f} events/s)"
+    )
+    if rejected:
+        raise typer.Exit(1)
+
+
+def _read_event_log(file: Path) -> pd.DataFrame:
+    """A parquet or CSV event log; exit 2 with one line if it cannot be read."""
+    if not file.is_file():
+        _fail(f"event log not found: {file}" if not file.exists() else f"{file} is not a file")
+    suffix = file.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        _fail(f"{file}: the extension picks the format: .parquet or .csv")
+    import pandas as pd
+    import pyarrow as pa
+
+    from store_bridge.streams.records import EVENT_ID
+
+    try:
+        if suffix == ".csv":  # ids and surfaces as text: "007" must stay "007"
+            return pd.read_csv(file, dtype={EVENT_ID: str, "surface": str})
+        return pd.read_parquet(file)
+    except (OSError, ValueError, pa.ArrowException, pd.errors.ParserError) as e:
+        _fail(f"{file}: not a readable {suffix[1:]} file ({type(e).__name__})")
+
+
+def _event_time_order(frame: pd.DataFrame):
+    """Row positions in event-time order (stable; times that do not parse go last, where the
+    checks reject them)."""
+    import numpy as np
+    import pandas as pd
+
+    from store_bridge.events.schema import EVENT_TIMESTAMP
+
+    if EVENT_TIMESTAMP not in frame.columns:
+        return np.arange(len(frame))
+    ts = frame[EVENT_TIMESTAMP]
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+        ts = pd.to_datetime(ts.astype("string"), utc=True, format="ISO8601", errors="coerce")
+    key = ts.astype("datetime64[us, UTC]").to_numpy(dtype="datetime64[us]").view(np.int64)
+    key = np.where(ts.isna().to_numpy(), np.iinfo(np.int64).max, key)
+    return np.argsort(key, kind="stable")
+
+
+def _ingest_waiting(ctx: ServiceContext, chunk: pd.DataFrame):
+    """`ingest` of one chunk (one stream entry), waiting with backoff while the stream is
+    full: a full stream rejects the whole entry, so the same chunk is sent again."""
+    from api.services.errors import Overloaded
+    from api.services.events import ingest
+
+    wait, waited = 0.2, 0.0
+    while True:
+        try:
+            return ingest(ctx, chunk)
+        except Overloaded as e:
+            if waited == 0.0:
+                typer.echo(f"waiting on consumers: {e}", err=True)
+            time.sleep(wait)
+            waited += wait
+            wait = min(5.0, wait * 2)
+
+
+@app.command("consume")
+def consume_cmd(
+    role: Annotated[str, typer.Argument(help="histories or offline")],
+    repo: RepoOpt = None,
+    consumer: Annotated[
+        str | None,
+        typer.Option("--consumer", help="this process's name in the role's consumer group "
+                                        "(default: the group's name: a restart resumes its "
+                                        "pending entries)"),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="handle what the stream holds now, then exit")
+    ] = False,
+    lag_every: Annotated[
+        float, typer.Option(min=0, help="seconds between lag reports on stderr (0: none)")
+    ] = 10.0,
+) -> None:
+    """Run a stream consumer role: `histories` (every event into its user's online history
+    in Redis) or `offline` (the date-partitioned parquet log under data/events/live, exactly
+    once per event). Consumers acknowledge an entry only once it is handled, resume from
+    their last acknowledged entry after a restart of themselves or of Redis, and report
+    events handled, events/s and their group's lag. Ctrl-C or SIGTERM: the current batch is
+    finished and acknowledged, then exit 0."""
+    import threading
+
+    from api.services.consumers import build_consumer, check_role
+    from api.services.errors import ServiceError
+
+    try:
+        check_role(role)
+    except ServiceError as e:
+        _service_error(e)
+    settings = _settings(repo)
+    _stream_log_to_stderr()
+    ctx = _context(settings, bulk=True)
+    try:
+        worker = build_consumer(ctx, role, consumer=consumer)
+    except ServiceError as e:
+        _service_error(e)
+    import redis as redis_lib
+
+    t0 = time.perf_counter()
+    if once:
+        try:
+            worker.drain()
+        except redis_lib.RedisError as e:
+            _fail(f"redis at {_shown_url(ctx.redis_url)}: {e}")
+        typer.echo(_consume_report(role, worker, time.perf_counter() - t0, worker.stats.events))
+        return
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second signal: leave now (every consumer is idempotent)
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    if lag_every > 0:
+        threading.Thread(target=_report_lag, args=(role, worker, stop, lag_every),
+                         daemon=True).start()  # fmt: skip
+    typer.echo(f"consume {role}: consumer {worker.consumer!r} of group {worker.group!r} "
+               f"started", err=True)
+    worker.run(stop)
+    typer.echo(_consume_report(role, worker, time.perf_counter() - t0, worker.stats.events))
+
+
+def _stream_log_to_stderr() -> None:
+    """The consumers' warnings (Redis lost and retried, entries skipped) as plain lines."""
+    import logging
+
+    logger = logging.getLogger("foundex.streams")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _consume_report(role: str, worker, seconds: float, events: int) -> str:
+    """One line: events handled, events/s, the group's lag (or why it is unknown)."""
+    import redis as redis_lib
+
+    try:
+        lag = next((g for g in worker.stream.lag() if g.group == worker.group), None)
+        lag_text = ("no lag" if lag is None else f"lag {lag.events:,} events "
+                    f"({lag.pending_entries} entries pending, oldest unacknowledged "
+                    f"{lag.oldest_unacked_s:.1f}s)")  # fmt: skip
+    except redis_lib.RedisError as e:
+        lag_text = f"lag unknown (redis: {e})"
+    return (f"consume {role}: {events:,} events handled in {seconds:.1f}s "
+            f"({events / max(seconds, 1e-9):,.0f} events/s); {lag_text}")
+
+
+def _report_lag(role: str, worker, stop, every: float) -> None:
+    """Every `every` seconds until `stop`: one lag line on stderr (events/s over the period)."""
+    last, t_last = worker.stats.events, time.perf_counter()
+    while not stop.wait(every):
+        now, events = time.perf_counter(), worker.stats.events
+        line = _consume_report(role, worker, now - t_last, events - last)
+        typer.echo(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line} (total {events:,})", err=True)
+        last, t_last = events, now
+
+
 @app.command("training-set")
 def training_set(
     expert: Annotated[str, typer.Option(help="expert name (its config pins the FM version)")],
@@ -686,7 +930,10 @@ def paper_tables_cmd(
     ctx: typer.Context,
     data: Annotated[str, typer.Option(help="synthetic, kuairand or movielens")] = "synthetic",
     data_path: Annotated[
-        Path | None, typer.Option(help="folder (or ratings file) of the real dataset")
+        Path | None,
+        typer.Option(
+            "--data-path", "--path", help="folder (or ratings file) of the real dataset"
+        ),
     ] = None,
     seeds: Annotated[
         list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
@@ -719,6 +966,59 @@ def paper_tables_cmd(
         result = run(
             data, data_path, all_seeds or [0, 1, 2], time_budget, out,
             say=typer.echo, progress=not no_progress,
+        )
+    except DataError as e:
+        _fail(f"--data {data}: {e}")
+    typer.echo((out / "report.md").read_text())
+    typer.echo(json.dumps(result))
+
+
+@app.command(
+    "scaling", context_settings={"allow_extra_args": True, "ignore_unknown_options": False}
+)
+def scaling_cmd(
+    ctx: typer.Context,
+    data: Annotated[str, typer.Option(help="synthetic, kuairand or movielens")] = "synthetic",
+    data_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-path", "--path", help="folder (or ratings file) of the real dataset"
+        ),
+    ] = None,
+    seeds: Annotated[
+        list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
+    ] = None,
+    time_budget: Annotated[
+        float, typer.Option(min=1, help="seconds the sweep may take, roughly; sizes and passes")
+    ] = 1800.0,
+    device: Annotated[str, typer.Option(help="where the FMs train: cpu or cuda")] = "cpu",
+    out: Annotated[Path, typer.Option(help="where report.md, result.json, scaling.png go")] = Path(
+        "scaling"
+    ),
+    no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
+) -> None:
+    """FM NE and +TAE expert NE over a ladder of FM sizes (>= 30x in FLOPs), a power-law fit
+    NE(C) = a*C^-b + c, TRs between sizes judged on paired seeds; a markdown report and a PNG,
+    then one JSON object as the last line."""
+    from experts.paper.data import DATASETS, DataError
+    from experts.paper.scaling import run
+
+    if data not in DATASETS:
+        raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter("cpu or cuda", param_hint="--device")
+    if data != "synthetic" and data_path is None:
+        raise typer.BadParameter(f"required with --data {data}", param_hint="--data-path")
+    if data_path is not None and not data_path.exists():
+        raise typer.BadParameter(f"{data_path} does not exist", param_hint="--data-path")
+    try:  # `--seeds 0 1 2`: click keeps the first value, the rest arrive as extra args
+        all_seeds = list(seeds or []) + [int(a) for a in ctx.args]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
+    try:
+        result = run(
+            data, data_path, all_seeds or [0, 1, 2], time_budget, out,
+            device=device, say=typer.echo, progress=not no_progress,
         )
     except DataError as e:
         _fail(f"--data {data}: {e}")
