@@ -267,3 +267,32 @@ def test_events_at_one_instant_come_back_in_the_event_logs_order(redis_url):
     np.testing.assert_array_equal(online.action, offline.action)
     np.testing.assert_array_equal(online.surface, offline.surface)
     assert list(online.item[1:7]) == [-3, 0, 7, 7, 300, 2**40]
+
+
+def test_clear_and_delete_start_afresh(stream_factory, redis_url):
+    s = stream_factory()
+    s.append(events(4))
+    Collect(s).drain()
+    s.delete()
+    assert s.length() == 0 and s.produced() == 0 and s.lag() == []
+    fresh = stream_factory()  # same project: the seen ids went too
+    assert fresh.append(events(4)).new == 4
+    client = redis_client(redis_url, timeout=5)
+    h = OnlineHistories(client, f"c{uuid.uuid4().hex[:8]}", ["home", "search"], cap=8)
+    h.add(events(6, users=2))
+    assert h.clear() == 4 and not h.knows(0) and h.read(1).version == 0
+
+
+def test_rows_of_another_layout_are_refused_with_a_clear_error(redis_url):
+    client = redis_client(redis_url, timeout=5)
+    h = OnlineHistories(client, f"l{uuid.uuid4().hex[:8]}", ["home", "search"])
+    client.zadd(h.key(1), {b"\x00" * 12: 5.0})
+    with pytest.raises(ValueError, match="another foundex layout"):
+        h.read(1)
+
+
+def test_a_blocking_read_stays_inside_the_clients_timeout(redis_url):
+    s = RedisStream(redis_client(redis_url, timeout=0.08), "t", f"b{uuid.uuid4().hex[:6]}",
+                    groups=("g1",))  # fmt: skip
+    assert Collect(s, block_ms=500).block_ms == 40  # half the socket timeout
+    assert Collect(s, block_ms=10).block_ms == 10

@@ -53,6 +53,11 @@ class StreamConsumer:
         self.stream = stream
         self.consumer = consumer or self.group
         self.count, self.block_ms = int(count), int(block_ms)
+        # A blocking read must return before the client's socket timeout, or every idle wait
+        # would look like a dead server (and back off).
+        timeout = stream.client.connection_pool.connection_kwargs.get("socket_timeout")
+        if timeout:
+            self.block_ms = max(1, min(self.block_ms, int(timeout * 1000 / 2)))
         self.claim_idle_ms, self.trim_every_s = int(claim_idle_ms), float(trim_every_s)
         self.group_start = group_start
         self.stats = ConsumerStats()

@@ -197,7 +197,8 @@ class OnlineHistories:
             pipe.zrange(self.key(u), 0, -1, withscores=True)
             pipe.get(self.version_key(u))
         res = pipe.execute()
-        return [_decode(res[2 * i], res[2 * i + 1]) for i in range(len(users))]
+        n_surfaces = len(self.surfaces)
+        return [_decode(res[2 * i], res[2 * i + 1], n_surfaces) for i in range(len(users))]
 
     def read(self, user_id: int) -> OnlineHistory:
         """The user's stored events, oldest first (empty for an unknown user)."""
@@ -228,14 +229,39 @@ class OnlineHistories:
         histories, versions = self.histories_for(np.array([user_id]))
         return histories, versions[int(user_id)]
 
+    def clear(self) -> int:
+        """Delete every user's history and version counter of this project -> keys deleted
+        (a demo starting afresh; a layout change)."""
+        deleted = 0
+        for pattern in (f"foundex:{self.project}:hist:*", f"foundex:{self.project}:histv:*"):
+            batch: list = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(self.client.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(self.client.delete(*batch))
+        return deleted
+
     def knows(self, user_id: int) -> bool:
         """Whether any event of the user is stored."""
         return bool(self.client.exists(self.key(user_id)))
 
 
-def _decode(pairs: list, version: bytes | None) -> OnlineHistory:
+def _decode(pairs: list, version: bytes | None, n_surfaces: int) -> OnlineHistory:
     n = len(pairs)
+    if any(len(m) != HISTORY_ROW.itemsize for m, _ in pairs):
+        raise ValueError(
+            f"online history rows are not {HISTORY_ROW.itemsize}-byte HISTORY_ROWs: written by "
+            "another foundex layout; clear them (OnlineHistories.clear) and backfill again"
+        )
     rows = np.frombuffer(b"".join(m for m, _ in pairs), dtype=HISTORY_ROW, count=n)
+    if n and int(rows["surface"].max()) >= n_surfaces:
+        raise ValueError(
+            f"online history holds surface code {int(rows['surface'].max())} but the dataset "
+            f"has {n_surfaces} surfaces: clear the histories and backfill again"
+        )
     ts = np.fromiter((s for _, s in pairs), dtype=np.float64, count=n).astype(np.int64)
     return OnlineHistory(
         ts_us=ts,

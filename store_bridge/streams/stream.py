@@ -272,6 +272,14 @@ class RedisStream:
         assert safe is not None
         return int(self.client.xtrim(self.key, minid=f"{safe[0]}-{safe[1]}", approximate=False))
 
+    def delete(self) -> None:
+        """Remove the stream, its groups, counters and seen ids (a demo starting afresh)."""
+        keys = [self.key, self.produced_key]
+        for prefix in (self._acked_prefix, self._seen_prefix):
+            keys += list(self.client.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 1000):
+            self.client.delete(*keys[i : i + 1000])
+
     def length(self) -> int:
         """Entries held now."""
         return int(self.client.xlen(self.key))
