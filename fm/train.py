@@ -1,7 +1,10 @@
-"""Streaming training: one pass over time-ordered requests, checkpoints along the way.
+"""Streaming training: passes over time-ordered requests, checkpoints along the way.
 
-Each batch is scored before the model learns from it (progressive validation), so the NE the
-pass reports is an honest out-of-sample number, as in online streaming training.
+Each batch is scored before the model learns from it (progressive validation), so the NE of the
+first pass is an honest out-of-sample number, as in online streaming training. With
+`config.epochs` > 1 (small data) the window is read again in the same order; a later pass's
+progressive NE has seen the data before, so judge such a model on a later slice (`evaluate_fm`).
+The learning rate follows `FMConfig.lr_at` (warm-up, then constant or decaying) over all steps.
 
 Under torchrun the same function trains data-parallel (PyTorch DDP, `fm.distributed`): every
 rank takes its slice of each global batch of `config.batch_requests` requests, the loss and
@@ -48,10 +51,13 @@ _CKPT = re.compile(r"step_(\d+)\.pt$")
 @dataclass
 class TrainResult:
     model: FoundationModel
-    ne: dict[str, float]  # progressive-validation NE per FM task over the whole pass
+    ne: dict[str, float]  # progressive-validation NE per FM task over the last pass
     steps: int
     seconds: float
     checkpoints: list[Path] = field(default_factory=list)  # written by this call
+    # The progressive NE of every pass in order (the last one possibly partial); only the
+    # first is out of sample.
+    pass_ne: list[dict[str, float]] = field(default_factory=list)
 
 
 def _utc(ts: Any) -> pd.Timestamp:
@@ -86,6 +92,24 @@ class _Scored(nn.Module):
         return self.model.task_outputs(batch, self.model(batch))
 
 
+def build_optimizer(model: FoundationModel, config: FMConfig) -> torch.optim.AdamW:
+    """AdamW with decay on weight matrices (`weight_decay`) and embedding tables
+    (`embedding_decay`), none on biases and LayerNorm gains (nanoGPT's split)."""
+    emb_decay = config.weight_decay if config.embedding_decay is None else config.embedding_decay
+    if config.weight_decay == 0 and emb_decay == 0:  # one group: the layout of older checkpoints
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups: dict[str, list[Tensor]] = {"matrix": [], "table": [], "none": []}
+    for p in model.parameters():
+        kind = "table" if id(p) in tables else "matrix" if p.dim() >= 2 else "none"
+        groups[kind].append(p)
+    decay = {"matrix": config.weight_decay, "table": emb_decay, "none": 0.0}
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": decay[k]} for k, ps in groups.items() if ps],
+        lr=config.lr,
+    )
+
+
 def _loss(
     model: FoundationModel, outputs: dict[str, tuple[Tensor, Tensor]], ctx: DistContext
 ) -> Tensor:
@@ -94,6 +118,43 @@ def _loss(
         return model.loss_from_outputs(outputs)[0]
     losses = scaled_task_losses(outputs, global_counts(outputs, ctx), ctx.world_size)
     return torch.stack([model.config.task_weight(t) * v for t, v in losses.items()]).sum()
+
+
+def train_step(
+    model: FoundationModel,
+    opt: torch.optim.Optimizer,
+    batch: Batch,
+    acc: dict[str, NEAccumulator],
+    *,
+    lr: float,
+    ctx: DistContext | None = None,
+    scored: nn.Module | None = None,
+) -> Tensor:
+    """One progressive-validation step, shared by `train_streaming` and `fm.follow`: score
+    `batch` into the NE accumulators `acc` (task -> NEAccumulator) BEFORE learning from it
+    (with dropout, by the eval-mode model, as serving would), then one step of `opt` at
+    learning rate `lr` on the weighted multi-task loss, gradients clipped to norm 1.
+
+    batch: already on the model's device. ctx / scored: the data-parallel context and the
+    DDP-wrapped `_Scored(model)` (default: one process, no wrapper). -> the loss, detached
+    (a tensor: reading it would wait for the device)."""
+    ctx = ctx or DistContext(device=batch.hist_item.device)
+    outputs = (scored or _Scored(model))(batch)
+    if model.config.dropout > 0:  # score with the eval-mode model, as serving would
+        model.eval()
+        with torch.no_grad():
+            _update_ne(acc, model.task_outputs(batch, model(batch)))
+        model.train()
+    else:
+        _update_ne(acc, outputs)
+    loss = _loss(model, outputs, ctx)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP, gradients arrive averaged over the ranks
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
 
 
 def train_streaming(
@@ -109,9 +170,11 @@ def train_streaming(
     model_factory: Callable[[FMConfig, Any], FoundationModel] = FoundationModel,
     device: str | torch.device = "cpu",
 ) -> TrainResult:
-    """One pass of AdamW over request-shaped batches of events with timestamp < end.
+    """`config.epochs` passes of AdamW over request-shaped batches of events with timestamp
+    < end, the learning rate scheduled by `config.lr_at`.
 
-    max_steps caps the total step count (resumed steps included). If checkpoint_dir holds a
+    max_steps caps the total step count (resumed steps included; the lr schedule still spans
+    every pass, see `FMConfig.lr_at`). If checkpoint_dir holds a
     checkpoint, training resumes after its step with its optimizer and NE state.
     item_content: optional float [n_items, config.content_dim], the per-item content vectors.
     model_factory: builds the model from (config, item_content) once the seed is set; a
@@ -138,8 +201,9 @@ def train_streaming(
     histories = UserHistories.from_events(events, config.surfaces)
     requests = Requests.from_events(events, config)
     model = model_factory(config, item_content).to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = build_optimizer(model, config)
     acc = {t: NEAccumulator() for t in config.fm_tasks}  # this rank's samples only
+    pass_ne: list[dict[str, float]] = []  # finished passes
     step = 0
 
     resume = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -151,9 +215,13 @@ def train_streaming(
         if ctx.is_main:  # the saved NE sums are global: counted once, on rank 0
             acc = {t: NEAccumulator.from_state(s) for t, s in extra["ne_state"].items()}
         step = int(extra["step"])
+        pass_ne = list(extra.get("pass_ne", []))
 
     bs = config.batch_requests
-    n_steps = math.ceil(len(requests) / bs)
+    per_pass = math.ceil(len(requests) / bs)
+    # The lr schedule spans every pass; max_steps only stops early, so a run stopped and resumed
+    # with a larger max_steps follows the same schedule as one run straight through.
+    horizon = n_steps = per_pass * config.epochs
     if max_steps is not None:
         n_steps = min(n_steps, max_steps)
 
@@ -161,7 +229,8 @@ def train_streaming(
         assert checkpoint_dir is not None
         extra = {
             "step": step,
-            "n_requests": min(step * bs, len(requests)),
+            "n_requests": min(step * bs, len(requests) * config.epochs),
+            "pass_ne": pass_ne,
             "optimizer": opt.state_dict(),
             "rng_state": torch.get_rng_state(),
             "ne_state": {t: a.state() for t, a in ne.items()},
@@ -175,23 +244,15 @@ def train_streaming(
     scored = wrap_ddp(_Scored(model), ctx)
     model.train()
     while step < n_steps:
+        if step and step % per_pass == 0:  # a new pass: close the last one's NE (collective)
+            pass_ne.append({t: a.value() for t, a in all_reduce_ne(acc, ctx).items()})
+            acc = {t: NEAccumulator() for t in config.fm_tasks}
+        i = step % per_pass
         lo, hi = shard_bounds(
-            step * bs, min((step + 1) * bs, len(requests)), ctx.rank, ctx.world_size
+            i * bs, min((i + 1) * bs, len(requests)), ctx.rank, ctx.world_size
         )
         batch = requests.batch(lo, hi, histories, config).to(ctx.device)
-        outputs = scored(batch)
-        if config.dropout > 0:  # score with the eval-mode model, as serving would
-            model.eval()
-            with torch.no_grad():
-                _update_ne(acc, model.task_outputs(batch, model(batch)))
-            model.train()
-        else:
-            _update_ne(acc, outputs)
-        loss = _loss(model, outputs, ctx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under DDP, gradients arrive averaged over the ranks
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        train_step(model, opt, batch, acc, lr=config.lr_at(step, horizon), ctx=ctx, scored=scored)
         step += 1
 
         # Both conditions are the same on every rank, so all ranks join each all-reduce.
@@ -206,14 +267,15 @@ def train_streaming(
     bar.close()
 
     # A collective: no rank returns before rank 0 has written its last checkpoint.
-    ne = all_reduce_ne(acc, ctx)
+    ne = {t: a.value() for t, a in all_reduce_ne(acc, ctx).items()}
     model.eval()
     return TrainResult(
         model=model,
-        ne={t: a.value() for t, a in ne.items()},
+        ne=ne,
         steps=step,
         seconds=time.perf_counter() - t0,
         checkpoints=written,
+        pass_ne=[*pass_ne, ne],
     )
 
 
