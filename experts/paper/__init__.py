@@ -9,6 +9,8 @@ runs    - one seed's training: the FM variants (small, large, UE) and every expe
 stats   - NE diffs, mean ± std over seeds, the Transfer Ratio, the four tables, the targets
 report  - the markdown report, the PNG plots, the JSON-safe result and the files written
 tables  - `run`: the paper's four tables end to end (`foundex paper-tables`)
+scaling - `run`: FM NE and expert NE over a ladder of FM sizes, the power-law fit, TRs
+          between sizes (`foundex scaling`); scaling_report writes its report and PNG
 
 Point-in-time correctness without the store: each impression's TAE (and UE) is computed by the
 FM from that user's events strictly before the impression's own timestamp (`TAEEngine` /
