@@ -21,6 +21,8 @@ from api.security import BodySizeLimit
 from api.services.context import ServiceContext
 from api.settings import Settings
 
+SYNC_CHECK_S = 1.0  # how often the server looks for a newer weight sync of its loaded FMs
+
 
 def _integer_bounds(node: object) -> None:
     """Print integer bounds in the OpenAPI document as integers, in place.
@@ -52,12 +54,17 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.context = ServiceContext(settings, redis_url)
         app.state.context.warm()
+        metrics.live.context = app.state.context  # /metrics reads the streams' lag through it
+        # FM weight sync within a version: caught up off the request path, swapped in between
+        app.state.context.fm_tier.start_sync(SYNC_CHECK_S)
         # Everything imported so far (torch, pandas, feast) lives as long as the process: move
         # it out of the collector's sight so full collections stay short under traffic.
         gc.collect()
         gc.freeze()
         silence_uvicorn_access_log()  # the middleware logs each request once, with its id
         yield
+        metrics.live.context = None
+        app.state.context.fm_tier.stop_sync()
         app.state.context.close()
         # Frozen objects are never collected, not even at interpreter exit, where nanobind
         # modules (triton's, DuckDB's) then report them as "leaked": thaw them on shutdown.

@@ -25,13 +25,10 @@ from api.services.offline import log_impressions
 from api.settings import Settings
 from experts import (
     ExpertConfig,
-    add_recent_history,
     check_against_manifest,
-    evaluate,
     recent_history,
     save_expert,
     save_expert_config,
-    train_expert,
     transfer_ratio,
 )
 from fm import FMConfig, UserHistories, evaluate_fm, save_checkpoint, train_streaming
@@ -40,8 +37,7 @@ from store_bridge.events.schema import EVENT_TIMESTAMP, time_windows
 from store_bridge.events.synthetic import SyntheticConfig, generate
 from store_bridge.feast_objects import ITEM_VIEW, USER_HISTORY_VIEW
 from store_bridge.logging_tier import LogReport
-from store_bridge.repo import FeatureRepo, feast_apply
-from store_bridge.training_set import expert_training_set
+from store_bridge.repo import FeatureRepo, FMVersion, feast_apply
 from store_bridge.versions import publish
 
 HISTORY_SNAPSHOT_LEN = 32
@@ -76,6 +72,29 @@ class DemoReport:
     logging: list[LogReport] = field(default_factory=list)
     unseen_tasks: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    live: LiveReport | None = None  # the last stage's figures
+
+
+@dataclass
+class LiveReport:
+    """What the live stage measured: events replayed, seconds to ingest them, seconds from the
+    start of ingestion until the histories and offline consumers had acknowledged them all,
+    and the event-to-TAE visibility probes (ms)."""
+
+    events: int
+    ingest_s: float
+    caught_up_s: float
+    fm_version: str
+    user_offset: int  # replayed users' ids: the log's ids + this
+    visibility_ms: list[float] = field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / max(self.ingest_s, 1e-9)
+
+    def visibility(self, q: float) -> float:
+        """The q-quantile (0..1) of the visibility latencies, ms."""
+        return float(np.quantile(self.visibility_ms, q)) if self.visibility_ms else float("nan")
 
 
 def reset_state(repo: FeatureRepo, redis_url: str) -> None:
@@ -138,7 +157,11 @@ STAGES = (
     "item features and user histories online (feast materialize)",
     "expert configs pinned to each version and a no-FM baseline, applied (feast apply)",
     "point-in-time training sets, expert training, NE per task beside the FMs' own",
+    "the live path: the log's last 5% replayed as new users' events through ingestion, online "
+    "histories and the offline log; event-to-TAE visibility",
 )
+LIVE_SHARE = 0.05  # the log's last share (by event time) the live stage replays
+LIVE_PROBES = 20  # event-to-TAE visibility probes of the live stage
 
 
 def run_demo(
@@ -149,7 +172,7 @@ def run_demo(
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> DemoReport:
-    """Run the demo's six STAGES into `repo`; returns what they measured.
+    """Run the demo's seven STAGES into `repo`; returns what they measured.
 
     `say` gets one heading line per stage and one `done in N.Ns` line when it ends. Progress
     bars (ours and Feast's) are drawn only when `progress` is set and stderr is a terminal;
@@ -285,22 +308,14 @@ def run_demo(
     done()
 
     stage(6)
-    rows = events[(events["surface"] == surface) & (events[EVENT_TIMESTAMP] >= fm_end)]
-    labels = rows[["user_id", "item_id", EVENT_TIMESTAMP, "surface", *tasks]]
-    split = windows["eval"][0]
+    from api.services.expert_training import train_on_windows
+
     repo.models_dir.mkdir(parents=True, exist_ok=True)
-    for cfg in configs:
+    for cfg in configs:  # the training of `foundex expert train` (api/services/expert_training)
         entry = versions.get(cfg.fm_version) if cfg.fm_version else None
-        frame = expert_training_set(repo, labels, entry, cfg.item_features)
-        frame = add_recent_history(frame, events, cfg.history_length)
-        train = frame[frame[EVENT_TIMESTAMP] < split]
-        test = frame[frame[EVENT_TIMESTAMP] >= split]
-        model = train_expert(
-            cfg, train, n_items=spec.n_items, n_categories=spec.n_categories,
-            n_actions=spec.n_actions, tae_dim=entry.dim if entry else None, progress=bars,
-        )
-        save_expert(model, cfg, repo.models_dir / f"{cfg.name}.pt")
-        report.expert_ne[cfg.name] = evaluate(model, test)
+        trained = train_on_windows(repo, cfg, entry, events, spec, progress=bars)
+        save_expert(trained.model, cfg, repo.models_dir / f"{cfg.name}.pt")
+        report.expert_ne[cfg.name] = trained.ne
         report.experts[cfg.name] = cfg.fm_version
     lap("experts")
     for v, entry in versions.items():  # the FMs' own NE on the same evaluation window
@@ -310,9 +325,101 @@ def run_demo(
         report.fm_ne[v] = evaluate_fm(model, events, model.config, *windows["eval"])
     lap("fm_eval")
     done()
+
+    stage(7)
+    report.live = replay_live(ctx, events, next(iter(versions.values())))
+    live = report.live
+    say(f"    replayed {live.events:,} events (the log's last {LIVE_SHARE:.0%}, re-timed to now, "
+        f"as new users: id + {live.user_offset}): ingested in {live.ingest_s:.2f}s "
+        f"({live.events_per_s:,.0f} events/s)")
+    say(f"    histories and offline log caught up {live.caught_up_s:.2f}s after ingestion began")
+    say(f"    event-to-TAE visibility (FM {live.fm_version}, {len(live.visibility_ms)} probes): "
+        f"p50 {live.visibility(0.5):.1f} ms, p99 {live.visibility(0.99):.1f} ms")
+    lap("live")
+    done()
     ctx.close()
     report.seconds = clock
     return report
+
+
+def replay_live(
+    ctx: ServiceContext, events: pd.DataFrame, version: FMVersion, *,
+    share: float = LIVE_SHARE, probes: int = LIVE_PROBES, timeout_s: float = 120.0,
+) -> LiveReport:  # fmt: skip
+    """The live path on the demo's repo: the log's last `share` of events (by event time),
+    shifted so that the last one is a second old (gaps kept) and given to new users (id +
+    `live_user_offset(events)`), ingested through the ingest use-case while the `histories`
+    and `offline` consumers run in threads; then `probes` event-to-TAE visibility probes of
+    `version` (store_bridge/streams/visibility.py) for those users.
+
+    New users, so that the live events change no history the earlier stages logged TAEs for
+    (a stored TAE older than its user's newest event is computed again by lookups): the
+    replayed users exist only through the stream. Their events stay: online histories and the
+    offline log (data/events/live) hold them. Raises TimeoutError when the consumers have not
+    caught up within `timeout_s`."""
+    import threading
+
+    from api.services.consumers import build_consumer
+    from api.services.events import dataset_spec, ingest
+    from fm.timefeatures import timestamps_us, to_us
+    from store_bridge.streams.histories import HistoriesConsumer
+    from store_bridge.streams.visibility import measure_visibility
+
+    spec = dataset_spec(ctx)
+    tail = events.sort_values(EVENT_TIMESTAMP, kind="stable").tail(max(1, int(len(events) * share)))
+    ts = timestamps_us(tail[EVENT_TIMESTAMP])
+    now = to_us(pd.Timestamp.now(tz="UTC").to_pydatetime())
+    frame = tail.assign(**{
+        EVENT_TIMESTAMP: pd.to_datetime(ts - ts.max() + now - 1_000_000, unit="us", utc=True),
+        "user_id": tail["user_id"] + live_user_offset(events),
+    })  # fmt: skip
+    histories, offline = (build_consumer(ctx, role) for role in ("histories", "offline"))
+    stops = {w.group: threading.Event() for w in (histories, offline)}
+    threads = {w.group: threading.Thread(target=w.run, args=(stops[w.group],),
+                                         name=f"demo-{w.group}") for w in (histories, offline)}
+    users = [int(u) for u in pd.unique(frame["user_id"])[:5]]
+    items = np.unique(events["item_id"].to_numpy(np.int64))[:8]
+    try:
+        for thread in threads.values():
+            thread.start()
+        t0 = time.perf_counter()
+        appended = ingest(ctx, frame).new
+        ingest_s = time.perf_counter() - t0
+        caught_up_s = _wait_caught_up(ctx, ["histories", "offline"], t0, timeout_s)
+        stops["histories"].set()  # the probes run a histories consumer of their own
+        threads["histories"].join()
+        seen = measure_visibility(
+            ctx.events_stream, HistoriesConsumer(ctx.events_stream, ctx.histories), ctx.fm_tier,
+            version, spec, users, items, spec.surfaces[0], samples=probes,
+        )  # fmt: skip
+        _wait_caught_up(ctx, ["offline"], t0, timeout_s)  # the probes are events too
+    finally:
+        for group, thread in threads.items():
+            stops[group].set()
+            if thread.ident is not None:  # started
+                thread.join()
+        offline.close()  # the offline log's folder lock
+    return LiveReport(appended, ingest_s, caught_up_s, version.version, live_user_offset(events),
+                      [x * 1000 for x in seen.latencies_s])  # fmt: skip
+
+
+def live_user_offset(events: pd.DataFrame) -> int:
+    """What the live stage adds to a user id: the next power of ten above every id of the log
+    (so that 17 stays readable as 1017 in a log of users below 1000)."""
+    return 10 ** len(str(max(int(events["user_id"].max()), 0)))
+
+
+def _wait_caught_up(ctx: ServiceContext, groups: list[str], t0: float, timeout_s: float) -> float:
+    """Seconds from `t0` (perf_counter) until every group of the events stream has
+    acknowledged every event."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lag = {g.group: g.events for g in ctx.events_stream.lag()}
+        if all(lag.get(g) == 0 for g in groups):
+            return time.perf_counter() - t0
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the demo's consumers are still behind after {timeout_s:.0f}s: {lag}")
+        time.sleep(0.01)
 
 
 TR_NOTE = (

@@ -31,6 +31,15 @@ def test_demo_output_is_plain_when_not_a_terminal(tmp_path, redis_url, capfd):
     headings = [s for s in lines if re.match(r"\d+/\d+ ", s)]
     assert headings == [f"{i}/{len(STAGES)} {title}" for i, title in enumerate(STAGES, 1)]
     assert len([s for s in lines if re.fullmatch(r" {4}done in \d+\.\d+s", s)]) == len(STAGES)
+    # The live stage, last: events replayed and their rate, consumers caught up, visibility.
+    live = lines[lines.index(headings[-1]) + 1 :]
+    assert re.fullmatch(r" {4}replayed [\d,]+ events \(the log's last 5%, re-timed to now, as "
+                        r"new users: id \+ 100\): ingested in \d+\.\d+s \([\d,]+ events/s\)",
+                        live[0]), live
+    assert re.fullmatch(r" {4}histories and offline log caught up \d+\.\d+s after ingestion "
+                        r"began", live[1]), live
+    assert re.fullmatch(r" {4}event-to-TAE visibility \(FM v1, 20 probes\): p50 \d+\.\d ms, "
+                        r"p99 \d+\.\d ms", live[2]), live
 
 
 def test_stages_match_the_readme():

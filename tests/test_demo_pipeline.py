@@ -43,6 +43,55 @@ def test_demo_report(demo_repo):
     assert len(table.splitlines()) == 2 + len(next(iter(report.expert_ne.values())))
 
 
+def test_the_live_stage_replays_the_log_tail_through_the_stream(demo_repo, redis_url):
+    """The last stage replays the log's last 5% re-timed to now as new users' events: every
+    replayed event is in the offline live log (beside the visibility probes) and in its user's
+    online history at its new time; the log's own users' histories are as the log has them;
+    the consumers caught up; one visibility latency per probe."""
+    from api.pipeline import LIVE_PROBES, LIVE_SHARE
+    from api.services.consumers import live_log_dir
+    from api.services.context import ServiceContext
+    from api.settings import Settings
+    from store_bridge.events.schema import timestamps_us
+    from store_bridge.streams.offline_log import read_live_log
+
+    repo, report = demo_repo
+    live = report.live
+    events = pd.read_parquet(repo.events_dir / "events.parquet")
+    n = int(len(events) * LIVE_SHARE)
+    assert live.events == n and live.fm_version == "v1" and live.user_offset == 100  # 60 users
+    assert 0 < live.ingest_s <= live.caught_up_s
+    assert len(live.visibility_ms) == LIVE_PROBES and all(x > 0 for x in live.visibility_ms)
+    assert live.visibility(0.5) <= live.visibility(0.99)
+    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url), redis_url,
+                         redis_timeout_s=10)
+    try:
+        logged = read_live_log(live_log_dir(ctx))
+        probes = logged["event_id"].str.startswith("probe-")
+        replayed = logged[~probes]
+        assert len(replayed) == n and replayed["event_id"].is_unique and probes.sum() == LIVE_PROBES
+        tail = events.sort_values("event_timestamp", kind="stable").tail(n)
+        # the same events (items, surfaces, actions, gaps), moved by one shift, users + 100
+        shift = timestamps_us(replayed["event_timestamp"]).max() - timestamps_us(
+            tail["event_timestamp"]).max()
+        assert shift > 0
+        got = replayed.assign(ts=timestamps_us(replayed["event_timestamp"]) - shift,
+                              user_id=replayed["user_id"] - 100)
+        want = tail.assign(ts=timestamps_us(tail["event_timestamp"]))
+        keys = ["user_id", "item_id", "ts", "surface", "action"]
+        assert sorted(map(tuple, got[keys].to_numpy().tolist())) == sorted(
+            map(tuple, want[keys].to_numpy().tolist()))
+        for user in replayed["user_id"].unique()[:5]:
+            mine = timestamps_us(replayed[replayed["user_id"] == user]["event_timestamp"])
+            assert set(mine.tolist()) <= set(ctx.histories.read(int(user)).ts_us.tolist())
+        for user in events["user_id"].unique()[:10]:  # the log's users: as the log has them
+            assert len(ctx.histories.read(int(user))) == (events["user_id"] == user).sum()
+        lag = {g.group: g.events for g in ctx.events_stream.lag()}
+        assert lag["histories"] == 0 and lag["offline"] == 0
+    finally:
+        ctx.close()
+
+
 def test_feast_reads_what_the_demo_wrote(demo_repo, redis_url):
     from feast import FeatureStore
 
