@@ -59,10 +59,13 @@ class VersionInfo(BaseModel):
     training_window: tuple[str, str]
     ttl_seconds: int
     created_at: str
-
+    # weight sync within the version: the latest published update (null: never synced)
+    sync_seq: int | None = None
+    sync_time: str | None = None  # ISO-8601 UTC
 
     @classmethod
-    def of(cls, v: FMVersion) -> VersionInfo:
+    def of(cls, v: FMVersion, sync_seq: int | None = None, sync_time: str | None = None
+           ) -> VersionInfo:
         return cls(
             version=v.version,
             dim=v.dim,
@@ -72,6 +75,8 @@ class VersionInfo(BaseModel):
             training_window=v.training_window,
             ttl_seconds=v.ttl_seconds,
             created_at=v.created_at,
+            sync_seq=sync_seq,
+            sync_time=sync_time,
         )
 
 

@@ -54,6 +54,7 @@ class TAEFunction(Protocol):
 
 
 IMPRESSION_COLUMNS = ["user_id", "item_id", EVENT_TIMESTAMP, "surface"]
+SYNC_SEQ = "sync_seq"  # offline TAE rows: which synced weights of the version computed them
 
 
 class BadEmbeddings(ValueError):
@@ -75,7 +76,10 @@ class LogReport:
         return self.rows / self.seconds if self.seconds else float("inf")
 
 
-def tae_table(user_ids, item_ids, ts_us, matrix: np.ndarray) -> pa.Table:
+def tae_table(user_ids, item_ids, ts_us, matrix: np.ndarray, *, sync_seq: int = 0) -> pa.Table:
+    """Offline TAE rows: keys, time, `embedding` (float32 lists) and `sync_seq` (int64: the
+    weight-sync sequence of the FM version that computed them; 0 = the published checkpoint).
+    Feast's view reads only the columns it names, so the extra column is invisible to it."""
     dim = matrix.shape[1]
     flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
     emb = pa.FixedSizeListArray.from_arrays(flat, dim).cast(pa.list_(pa.float32()))
@@ -85,6 +89,7 @@ def tae_table(user_ids, item_ids, ts_us, matrix: np.ndarray) -> pa.Table:
             "item_id": pa.array(item_ids, pa.int64()),
             EVENT_TIMESTAMP: pa.array(ts_us, pa.timestamp("us", tz="UTC")),
             "embedding": emb,
+            SYNC_SEQ: pa.array(np.full(len(matrix), sync_seq, dtype=np.int64)),
         }
     )
 
@@ -186,6 +191,7 @@ def log_version(
     progress: bool = True,
     job: str | None = None,
     resume: bool = True,
+    sync_seq: int = 0,
 ) -> LogReport:
     """Compute and store one version's TAEs for the impressions (already prepared).
 
@@ -197,7 +203,8 @@ def log_version(
     job: the id naming the files (letters, digits, `.`, `_`; default: a hash of the input).
     resume=False (a stream consumer, whose job id comes from its entry ids and whose batches
     are always chunked alike): every chunk is computed and written again, replacing its own
-    files, and no other run's files are looked for. Raises ValueError for a bad job id or
+    files, and no other run's files are looked for. sync_seq: the weight-sync sequence
+    `tae_fn`'s weights stand at, stored with every offline row (0: the published checkpoint). Raises ValueError for a bad job id or
     chunk_rows, BadEmbeddings (NaN/Inf: nothing of that chunk stored), StoreUnavailable.
     """
     if chunk_rows <= 0:
@@ -245,7 +252,7 @@ def log_version(
         online += store.write(version, u, i, t, m)
         for day, path in zip(days, targets, strict=True):
             sel = d == day
-            _write_atomic(tae_table(u[sel], i[sel], t[sel], m[sel]), path)
+            _write_atomic(tae_table(u[sel], i[sel], t[sel], m[sel], sync_seq=sync_seq), path)
             files += 1
         bar.update(len(u))
         bar.set_postfix(rows_per_s=f"{bar.n / (time.perf_counter() - t0):.0f}")

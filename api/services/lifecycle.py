@@ -4,9 +4,11 @@ so that both faces map them the same way (and a failed `feast apply` in one plac
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from api.services.context import ServiceContext
@@ -19,6 +21,8 @@ from store_bridge.versions import (
     VersionError,
     VersionPinned,
 )
+
+log = logging.getLogger("foundex.api")
 
 
 @contextmanager
@@ -40,11 +44,23 @@ def _domain_errors(other: type[Exception]) -> Iterator[None]:
 
 
 @dataclass
+class SyncInfo:
+    """The latest weight-sync update published for a version (`store_bridge.fm_sync`)."""
+
+    seq: int
+    time: str  # when it was published, ISO-8601 UTC
+    kind: str  # "delta" | "snapshot"
+    step: int  # the trainer's step
+
+
+@dataclass
 class Listed:
-    """One published version and the experts pinning it."""
+    """One published version, the experts pinning it, and its latest sync (None: never
+    synced, or Redis could not be read: logged)."""
 
     entry: FMVersion
     pinned_by: list[str]
+    sync: SyncInfo | None = None
 
 
 @dataclass
@@ -53,11 +69,40 @@ class VersionListing:
     deleted: list[DeletedVersion]
 
 
-def list_versions(ctx: ServiceContext) -> VersionListing:
-    """Published versions (manifest order) with the experts pinning each, then tombstones."""
+def sync_infos(ctx: ServiceContext, versions: list[str]) -> dict[str, SyncInfo | None]:
+    """Each version's latest published sync update (one Redis read each; None when none was
+    ever published). A Redis error is logged and leaves every version None: listing versions
+    does not depend on Redis."""
+    if not versions:
+        return {}
+    import redis
+
+    from store_bridge.fm_sync import SyncReader
+
+    out: dict[str, SyncInfo | None] = {}
+    try:
+        for name in versions:
+            a = SyncReader(ctx.repo, ctx.client, name).latest()
+            out[name] = None if a is None else SyncInfo(a.seq, _iso(a.time_us), a.kind, a.step)
+    except redis.RedisError as e:
+        log.warning("FM versions listed without their sync state: Redis: %s", e)
+        return dict.fromkeys(versions)
+    return out
+
+
+def _iso(time_us: int) -> str:
+    """µs since the epoch -> ISO-8601 UTC to the millisecond (exact: no float seconds)."""
+    t = datetime.fromtimestamp(time_us // 1_000_000, UTC) + timedelta(microseconds=time_us % 1_000_000)
+    return t.isoformat(timespec="milliseconds")
+
+
+def list_versions(ctx: ServiceContext, *, with_sync: bool = True) -> VersionListing:
+    """Published versions (manifest order) with the experts pinning each and (`with_sync`)
+    each one's latest weight sync, then tombstones."""
     manifest = ctx.manifest()
     pins = ctx.registry().pins() if manifest.versions else {}
-    listed = [Listed(v, sorted(n for n, p in pins.items() if p == v.version))
+    syncs = sync_infos(ctx, list(manifest.versions)) if with_sync else {}
+    listed = [Listed(v, sorted(n for n, p in pins.items() if p == v.version), syncs.get(v.version))
               for v in manifest.versions.values()]
     return VersionListing(listed, list(manifest.deleted.values()))
 

@@ -444,6 +444,7 @@ class _Recording:
 class _LoadedEngine:
     engine: object  # fm.TAEEngine (torch loads only with the first model)
     lock: threading.Lock
+    sync: object  # store_bridge.fm_tier.EngineSync: the weight-sync seq the engine stands at
 
 
 class ImpressionLogConsumer(_GatedConsumer):
@@ -512,7 +513,7 @@ class ImpressionLogConsumer(_GatedConsumer):
         )
 
     def _engine(self, version: FMVersion, histories) -> _LoadedEngine | None:
-        from store_bridge.fm_tier import load_engine
+        from store_bridge.fm_tier import engine_sync, load_engine
 
         key = (version.version, version.digest)
         if key not in self._engines:
@@ -522,8 +523,24 @@ class ImpressionLogConsumer(_GatedConsumer):
                 log.warning("logging: FM %s cannot be loaded, its TAEs are not logged: %s",
                             version.version, e)
                 engine = None
-            self._engines[key] = None if engine is None else _LoadedEngine(engine, threading.Lock())
+            loaded = None
+            if engine is not None:
+                sync = engine_sync(self.repo, self.histories.client, self.histories.project,
+                                   version.version)
+                loaded = _LoadedEngine(engine, threading.Lock(), sync)
+                sync.check(engine, loaded.lock, version.version)  # the latest synced weights
+            self._engines[key] = loaded
         return self._engines[key]
+
+    def sync_engines(self) -> dict[str, int]:
+        """Catch each loaded engine up with its version's published weight sync (between
+        batches: a batch is computed with one set of weights) -> version -> seq."""
+        out = {}
+        for (name, _), loaded in self._engines.items():
+            if loaded is not None:
+                loaded.sync.check(loaded.engine, loaded.lock, name)
+                out[name] = loaded.sync.seq
+        return out
 
     # -- the batch --
 
@@ -532,6 +549,7 @@ class ImpressionLogConsumer(_GatedConsumer):
         imp = self._impressions(entries)
         if imp.empty:
             return
+        self.sync_engines()
         job = _job(entries)
         users = imp["user_id"].to_numpy(np.int64)
         histories, _ = self.histories.histories_for(users)
@@ -563,7 +581,8 @@ class ImpressionLogConsumer(_GatedConsumer):
             loaded.engine.set_histories(histories)
             try:
                 rep = log_version(self.repo, self.store, version.version, fn, imp,
-                                  chunk_rows=_ONE_CHUNK, progress=False, job=job, resume=False)
+                                  chunk_rows=_ONE_CHUNK, progress=False, job=job, resume=False,
+                                  sync_seq=loaded.sync.seq)
             except BadEmbeddings as e:
                 self.log_stats.refused += len(imp)
                 log.error("logging: %s (batch %s)", e, job)
