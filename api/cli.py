@@ -40,6 +40,57 @@ RepoOpt = Annotated[
     Path | None, typer.Option("--repo", help="Feast repo (default: $FOUNDEX_REPO or feature_repo)")
 ]
 
+expert_app = typer.Typer(help="Experts: train one on the repo's event log.", no_args_is_help=True)
+app.add_typer(expert_app, name="expert")
+
+
+@expert_app.command("train")
+def expert_train(
+    name: Annotated[str, typer.Argument(help="expert name (its config under data/experts/)")],
+    fm_checkpoint: Annotated[
+        Path | None,
+        typer.Option("--fm-checkpoint",
+                     help="an unpublished FM checkpoint of the pinned version's width: TAEs "
+                          "computed with it on the fly (nothing written); NE shown beside "
+                          "the published version's"),
+    ] = None,
+    repo: RepoOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="no progress bars")] = False,
+) -> None:
+    """Train an expert on the expert window of the repo's event log and print NE per task on
+    the evaluation window, as the demo does. Without --fm-checkpoint: TAEs from the pinned
+    version's logged offline store; the model is saved to data/models/NAME.pt. With it: the
+    expert is trained twice (same seed and data), on the pinned version's TAEs and on the
+    checkpoint's (history strictly before each row), and nothing is saved."""
+    settings = _settings(repo)
+    if fm_checkpoint is not None and not fm_checkpoint.is_file():
+        _fail(f"FM checkpoint not found: {fm_checkpoint}" if not fm_checkpoint.exists()
+              else f"--fm-checkpoint {fm_checkpoint} is not a file")
+    from api.services.errors import ServiceError
+    from api.services.expert_training import ne_report_table, train_expert_use_case
+
+    try:
+        rep = train_expert_use_case(
+            _context(settings), name, fm_checkpoint=fm_checkpoint,
+            progress=not no_progress and sys.stderr.isatty(),
+            say=lambda s: typer.echo(s, err=True),
+        )
+    except ServiceError as e:
+        _service_error(e)
+    (a, b), (_, c) = rep.windows["expert_train"], rep.windows["eval"]
+    typer.echo(f"expert {rep.expert} ({rep.fm_version or 'no FM'}): trained on "
+               f"{rep.published.train_rows:,} rows [{a} .. {b}), NE on {rep.published.eval_rows:,} "
+               f"rows [{b} .. {c})")
+    typer.echo(ne_report_table(rep))
+    missing = f"rows without a TAE: {rep.fm_version} {rep.published.without_embedding:,}"
+    if rep.candidate is not None:
+        typer.echo(f"{missing}, checkpoint {rep.candidate.without_embedding:,}")
+        typer.echo("nothing written: TAEs computed on the fly, no model saved")
+    elif rep.fm_version is not None:
+        typer.echo(missing)
+    if rep.saved is not None:
+        typer.echo(f"saved {rep.saved}")
+
 
 def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
@@ -298,8 +349,10 @@ def fm_list(repo: RepoOpt = None) -> None:
     for item in listing.versions:
         v, pins = item.entry, ", ".join(item.pinned_by) or "-"
         about = f"\t{v.description}" if v.description else ""
+        sync = f"seq {item.sync.seq} at {item.sync.time}" if item.sync else "none"
         typer.echo(
-            f"{v.version}\t{v.status}\tdim={v.dim}\tdigest={v.digest[:12]}\tpinned by: {pins}{about}"
+            f"{v.version}\t{v.status}\tdim={v.dim}\tdigest={v.digest[:12]}\tsync: {sync}"
+            f"\tpinned by: {pins}{about}"
         )
     for d in listing.deleted:
         typer.echo(f"{d.version}\tdeleted\tdim={d.dim}\tdigest={d.digest[:12]}\tgc at {d.deleted_at}")
@@ -320,6 +373,96 @@ def fm_retire(
     except ServiceError as e:
         _service_error(e)
     typer.echo(f"retired {version}")
+
+
+@fm_app.command("train")
+def fm_train(
+    follow: Annotated[
+        str,
+        typer.Option("--follow", metavar="VERSION",
+                     help="an active published FM version: keep training it on the live event "
+                          "stream (its own consumer group trainer:VERSION)"),
+    ],
+    repo: RepoOpt = None,
+    checkpoint_every: Annotated[
+        int, typer.Option(min=1, help="steps between checkpoints (stream entries are "
+                                      "acknowledged only once a checkpoint covers them)")
+    ] = 100,
+    sync_every: Annotated[
+        int, typer.Option(min=0, help="steps between weight-sync updates (0: no sync)")
+    ] = 50,
+    snapshot_every: Annotated[
+        int, typer.Option(min=1, help="every F-th sync update is a full snapshot")
+    ] = 10,
+    sync_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="share of the weights' bytes a delta ships "
+                                                   "(the most-updated components), in (0, 1]")
+    ] = 0.3,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="stop at this step count (resumed steps included)")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="train what the stream holds now, then exit")
+    ] = False,
+) -> None:
+    """Continuous training of a published FM version on the live event stream: request-shaped
+    batches with progressive validation, a checkpoint every K steps with the stream position
+    (data/fm_follow/VERSION/), weight-sync updates every S steps. After a crash it resumes from
+    the last checkpoint: no event is trained twice, none is skipped. Progress (steps, events/s,
+    progressive NE, sync seq) on stderr. Ctrl-C or SIGTERM: the current batch is finished,
+    a checkpoint written, exit 0."""
+    import threading
+
+    from api.services.errors import ServiceError
+    from api.services.freshness import FollowOptions
+    from api.services.freshness import follow as follow_version
+
+    options = FollowOptions(checkpoint_every=checkpoint_every, sync_every=sync_every,
+                            snapshot_every=snapshot_every, sync_fraction=sync_fraction,
+                            max_steps=max_steps, once=once)  # fmt: skip
+    try:
+        options.check()
+    except ServiceError as e:
+        _service_error(e)
+    settings = _settings(repo)
+    _stream_log_to_stderr()
+    ctx = _context(settings, bulk=True)
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        if stop.is_set():  # a second signal: leave now (the last checkpoint stands)
+            raise SystemExit(128 + signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
+    t0, seen = time.perf_counter(), [0]
+
+    def _progress(s) -> None:
+        seen[0] += s.metrics.events
+        if s.checkpoint is None and s.metrics.step % 10:
+            return
+        rate = seen[0] / max(time.perf_counter() - t0, 1e-9)
+        ne = " ".join(f"ne_{t}={v:.4f}" for t, v in list(s.metrics.ne.items())[:3])
+        sync = "off" if s.sync_seq is None else s.sync_seq
+        saved = f" checkpoint {s.checkpoint.name}" if s.checkpoint is not None else ""
+        typer.echo(f"fm train {follow}: step {s.metrics.step} ({rate:,.0f} events/s) {ne} "
+                   f"sync seq {sync} at {s.position}{saved}", err=True)  # fmt: skip
+
+    import redis as redis_lib
+
+    try:
+        rep = follow_version(ctx, follow, options, stop=stop, on_step=_progress)
+    except ServiceError as e:
+        _service_error(e)
+    except redis_lib.RedisError as e:
+        _fail(f"redis at {_shown_url(ctx.redis_url)}: {e}")
+    finally:
+        ctx.close()
+    ne = " ".join(f"ne_{t}={v:.4f}" for t, v in rep.ne.items())
+    typer.echo(f"fm train {follow}: {rep.steps} steps; this run {rep.events:,} events in "
+               f"{rep.entries:,} entries, {time.perf_counter() - t0:.1f}s; position "
+               f"{rep.position or '-'}; sync seq {rep.sync_seq}; {ne}; checkpoint {rep.checkpoint}")
 
 
 @app.command("log")
@@ -919,6 +1062,65 @@ def bench_api_cmd(
         load_items=min(load_items, items), load_format=load_format,
         redis_url=Settings().redis_url, keep=keep,
     )
+    result = run(cfg, say=typer.echo)
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("sync")
+def bench_sync_cmd(
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="delta budget, share of bytes")] = 0.3,
+    steps_per_sync: Annotated[int, typer.Option(min=1, help="trainer steps between syncs")] = 10,
+    repeats: Annotated[int, typer.Option(min=1, help="timings are the best of this many")] = 3,
+    demo: Annotated[bool, typer.Option(help="include the demo's two FMs")] = True,
+    big_items: Annotated[int, typer.Option(min=1, help="rows of the big item table")] = 1_000_000,
+    updates: Annotated[int, typer.Option(min=1, help="staleness: deltas published per FM")] = 3,
+    interval: Annotated[float, typer.Option(min=0.01, help="the tier's sync check, seconds")] = 1.0,
+    ne_steps: Annotated[int, typer.Option(min=0, help="NE run: streaming steps (0: skip)")] = 300,
+) -> None:
+    """Weight sync: bytes and seconds per delta vs a full snapshot (fm.sync_bench), apply time
+    in the FM serving tier and staleness (trainer step -> serving serves the new digest, with
+    the tier's background check every --interval s) per FM, and the progressive NE of what
+    serving holds when syncing --fraction vs all of the weights over a short streaming run;
+    a table, then one JSON object as the last line. Uses $REDIS_URL when set, else an
+    embedded redis-server of its own."""
+    from api.bench_sync import format_report, run
+
+    if fraction <= 0:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--fraction")
+    result = run(
+        fraction=fraction, steps_per_sync=steps_per_sync, repeats=repeats, demo=demo,
+        big_items=big_items, updates=updates, interval=interval, ne_steps=ne_steps,
+        redis_url=Settings().redis_url, say=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(format_report(result))
+    typer.echo(json.dumps(result))
+
+
+@bench_app.command("stream")
+def bench_stream_cmd(
+    events: Annotated[int, typer.Option(min=1, help="synthetic events ingested")] = 200_000,
+    probes: Annotated[int, typer.Option(min=1, help="event-to-TAE visibility probes")] = 100,
+    rest_events: Annotated[
+        int, typer.Option(min=0, help="events POSTed through `foundex serve` (0: no REST peer)")
+    ] = 20_000,
+    feedback: Annotated[
+        int, typer.Option(min=1, help="feedback events joined to served impressions")
+    ] = 200,
+    keep: Annotated[
+        bool, typer.Option(help="keep the scratch repos, the workers' logs and (on $REDIS_URL) "
+                                "the bench's keys")
+    ] = False,
+) -> None:
+    """The live loop on a scratch repo of its own, consumers as `foundex consume` processes:
+    events/s ingested and the rate at which histories and the offline log keep up (with their
+    lag), beside the producer alone, one XADD per event and REST ingestion; p50/p99 event-to-TAE
+    visibility and data-to-trainer latency; a table, then one JSON line. Uses $REDIS_URL when
+    set (its keys deleted after), else an embedded redis-server of its own. About 1-3 minutes
+    on 2 cores."""
+    from api.bench_stream import StreamBenchConfig, run
+
+    cfg = StreamBenchConfig(events=events, probes=probes, rest_events=rest_events,
+                            feedback=feedback, redis_url=Settings().redis_url, keep=keep)
     result = run(cfg, say=typer.echo)
     typer.echo(json.dumps(result))
 
