@@ -17,8 +17,17 @@ import logging
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+    from api.services.context import ServiceContext
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -70,6 +79,14 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.stale_rows = Counter(
+            "foundex_stale_rows_total",
+            "Stored embedding rows older than their user's newest event in the online "
+            "histories, by outcome: recomputed (read-through computed and wrote back a TAE as "
+            "of the request), served (read-through could not: the stored row was served)",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.events_ingested = Counter(
             "foundex_events_ingested_total",
             "Events appended to the events stream (POST /v1/events)",
@@ -94,6 +111,10 @@ class Metrics:
             "TAEs are not logged and they join no feedback",
             registry=self.registry,
         )
+        # The live loop's lag and the impression buffer, read when /metrics is scraped; the
+        # app's lifespan points it at the service's context.
+        self.live = LiveLoopCollector()
+        self.registry.register(self.live)
         self._hits = 0
         self._requested = 0
 
@@ -105,6 +126,85 @@ class Metrics:
         self._requested += stored + computed + missing
         if self._requested:
             self.hit_ratio.set(self._hits / self._requested)
+
+
+class LiveLoopCollector:
+    """Gauges of the live loop, read from `context` at scrape time (nothing when it is None):
+
+    foundex_stream_up{stream}                    1 when the stream's lag could be read, else 0
+    foundex_stream_lag_events{stream,group}      events appended, not acknowledged by the group
+    foundex_stream_pending_entries{stream,group} entries delivered, not acknowledged yet
+    foundex_stream_oldest_unacked_seconds{stream,group}
+                                                 age of the oldest entry the group has not
+                                                 acknowledged (0 when none): the group's delay
+    foundex_impression_buffer_rows               served impressions waiting for the stream
+    foundex_impression_buffer_{submitted,appended,refused}_total, ..._failed_flushes_total
+
+    Streams are `ctx.events_stream` and `ctx.impressions_stream`; a group appears once it
+    exists (a consumer created it, or ingestion did for the events stream's own groups). A
+    Redis error while reading a stream is reported as `foundex_stream_up 0` for it, never as a
+    failed scrape; a hung Redis costs the scrape at most the stream clients' timeouts."""
+
+    def __init__(self) -> None:
+        self.context: ServiceContext | None = None
+
+    def describe(self) -> list[Metric]:
+        return []  # the series depend on what Redis holds: known only at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        ctx = self.context
+        if ctx is None:
+            return
+        yield from self._streams(ctx)
+        yield from self._buffer(ctx)
+
+    def _streams(self, ctx: ServiceContext) -> Iterator[Metric]:
+        import redis
+
+        up = GaugeMetricFamily("foundex_stream_up", "Whether the stream's consumer-group lag "
+                               "could be read from Redis at this scrape (1) or not (0)",
+                               labels=["stream"])  # fmt: skip
+        lag = GaugeMetricFamily("foundex_stream_lag_events", "Events appended to the stream "
+                                "that the consumer group has not acknowledged",
+                                labels=["stream", "group"])  # fmt: skip
+        pending = GaugeMetricFamily("foundex_stream_pending_entries", "Stream entries (record "
+                                    "batches) delivered to the group's consumers, not "
+                                    "acknowledged yet", labels=["stream", "group"])  # fmt: skip
+        oldest = GaugeMetricFamily("foundex_stream_oldest_unacked_seconds", "Age of the oldest "
+                                   "stream entry the group has not acknowledged (0: none)",
+                                   labels=["stream", "group"])  # fmt: skip
+        for name, build in (("events", lambda: ctx.events_stream),
+                            ("impressions", lambda: ctx.impressions_stream)):  # fmt: skip
+            try:
+                groups = build().lag()
+            except (redis.RedisError, OSError) as e:
+                up.add_metric([name], 0)
+                log.warning("stream lag unavailable",
+                            extra={"fields": {"stream": name, "error": str(e)}})  # fmt: skip
+                continue
+            up.add_metric([name], 1)
+            for g in groups:
+                lag.add_metric([name, g.group], g.events)
+                pending.add_metric([name, g.group], g.pending_entries)
+                oldest.add_metric([name, g.group], g.oldest_unacked_s)
+        yield from (up, lag, pending, oldest)
+
+    @staticmethod
+    def _buffer(ctx: ServiceContext) -> Iterator[Metric]:
+        # Built by the first logged lookup; until then every figure is 0 (not built here).
+        buffer = ctx.__dict__.get("impression_buffer")
+        rows = buffer.pending_rows if buffer is not None else 0
+        yield GaugeMetricFamily("foundex_impression_buffer_rows", "Served impressions held in "
+                                "memory, waiting to be appended to the impressions stream",
+                                value=rows)  # fmt: skip
+        for field, doc in (
+            ("submitted", "Served impressions the buffer took in"),
+            ("appended", "Served impressions appended to the impressions stream"),
+            ("refused", "Served impressions refused because the buffer was full"),
+            ("failed_flushes", "Flushes to the impressions stream that failed (retried)"),
+        ):
+            value = getattr(buffer.stats, field) if buffer is not None else 0
+            yield CounterMetricFamily(f"foundex_impression_buffer_{field}", doc, value=value)
 
 
 class ObservabilityMiddleware:

@@ -74,6 +74,9 @@ def record(m: Metrics, stats: LookupStats | None) -> None:
     for reason, n in stats.skipped.items():
         if n:
             m.read_through_skipped.labels(reason).inc(n)
+    for outcome, n in stats.stale.items():
+        if n:
+            m.stale_rows.labels(outcome).inc(n)
     if stats.write_errors:
         m.store_errors.labels("write").inc(stats.write_errors)
     if stats.impressions_not_logged:
@@ -113,7 +116,12 @@ embeddings = APIRouter(**READ)
 
 @versions.get("/fm-versions", response_model=VersionList)
 def fm_versions(ctx: Context) -> VersionList:
-    return VersionList(versions=[VersionInfo.of(v) for v in ctx.manifest().versions.values()])
+    versions = ctx.manifest().versions
+    syncs = lifecycle.sync_infos(ctx, list(versions))
+    return VersionList(versions=[
+        VersionInfo.of(v, *((s.seq, s.time) if (s := syncs.get(name)) else ()))
+        for name, v in versions.items()
+    ])
 
 
 @experts.get("/experts", response_model=ExpertList)

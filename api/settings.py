@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     # Read-through: TAEs missing from Redis are computed by the FM tier and written back.
     read_through: bool = True
+    # Fresh TAEs: with read-through on, a stored row older than the user's newest event in the
+    # online histories is computed again (and written back) rather than served as stored.
+    refresh_stale: bool = True
 
     # Structured (JSON) request logs on the "foundex.api" logger.
     json_logs: bool = True

@@ -7,6 +7,13 @@ what foundex wrote and foundex reads what `feast materialize` wrote.
 The client may be a `redis.Redis` or a `redis.cluster.RedisCluster`. On a single Redis, reads
 and writes of a batch are one server-side script call each; on a cluster, whose keys span slots,
 they go through the client's non-transactional pipeline, split per node by key slot.
+
+A read may also report which served rows are stale: given `newer_than` (a time, or the newest
+event of a user's online history before the request time: `NewestEvent`), rows whose stored
+event time (`_ts:<view>`) is not newer than it, or is absent or unreadable, come back in
+`EmbeddingRows.stale` (read-through recomputes them). On a single Redis the newest event, the
+values and the times come from one script call; a read that does not ask keeps its
+single-field script.
 """
 
 from __future__ import annotations
@@ -47,17 +54,39 @@ class EmbeddingRows:
     # The subset of `missing` whose stored bytes were unusable (not a float_list Value of
     # this width, truncated, NaN or Inf): served as missing, counted apart by the caller.
     undecodable: list[int] = field(default_factory=list)
+    # Only when the read was given `newer_than`: indices of served (not missing) rows whose
+    # stored event time is at or before `newer_than_us`, or absent or unreadable; ascending.
+    stale: list[int] = field(default_factory=list)
+    # The time (µs) the rows were compared with; None: not compared (nothing asked, or no
+    # event before the request time).
+    newer_than_us: int | None = None
+
+
+@dataclass(frozen=True)
+class NewestEvent:
+    """A read's `newer_than`: the newest score strictly before `before_us` in the Redis sorted
+    set `key`, whose scores are event times (µs since the epoch; a user's online history,
+    `store_bridge.streams.histories`). No such event: no row is compared."""
+
+    key: str
+    before_us: int
 
 
 class EmbeddingStore(ABC):
     """Where one FM version's TAEs live online, keyed by (user, item)."""
 
     @abstractmethod
-    def read(self, version: str, dim: int, user_id: int, item_ids: np.ndarray) -> EmbeddingRows:
+    def read(
+        self, version: str, dim: int, user_id: int, item_ids: np.ndarray, *,
+        newer_than: int | NewestEvent | None = None,
+    ) -> EmbeddingRows:  # fmt: skip
         """TAEs of `item_ids` for one user, in order; missing rows reported by index.
 
         A stored row that cannot be decoded is reported as missing (and in `undecodable`)
-        rather than failing the read. Raises StoreUnavailable when the store does not answer.
+        rather than failing the read. With `newer_than` (µs since the epoch, or a NewestEvent
+        to look up), served rows whose stored event time is not newer than it, or is absent
+        or unreadable, are also reported in `stale`. Raises StoreUnavailable when the store
+        does not answer.
         """
 
     @abstractmethod
@@ -81,6 +110,7 @@ class RedisEmbeddingStore(EmbeddingStore):
         self.project = project
         self._cas = None  # the registered write script, on first scripted write
         self._hget_all = None  # the registered read script, on first read
+        self._hget_fresh = None  # the one that also compares event times, on first such read
         self._single_node = not isinstance(client, redis.cluster.RedisCluster)
 
     def ping(self) -> bool:
@@ -89,27 +119,84 @@ class RedisEmbeddingStore(EmbeddingStore):
         except redis.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
 
-    def read(self, version: str, dim: int, user_id: int, item_ids: np.ndarray) -> EmbeddingRows:
+    def read(
+        self, version: str, dim: int, user_id: int, item_ids: np.ndarray, *,
+        newer_than: int | NewestEvent | None = None,
+    ) -> EmbeddingRows:  # fmt: skip
         items = np.asarray(item_ids, dtype=np.int64)
         keys = entity_keys(self.project, {"user_id": np.full(len(items), user_id), "item_id": items})
-        field = feature_field(view_name(version), EMBEDDING)
+        view = view_name(version)
+        field = feature_field(view, EMBEDDING)
+        stale: list[int] = []
+        after = None
         try:
-            if self._single_node:
-                # One EVALSHA for all candidates: spares redis-py packing and parsing N
-                # commands (~1 ms instead of ~3 ms for 500). redis-py reloads the script
-                # by itself after a server restart (NOSCRIPT).
-                if self._hget_all is None:
-                    self._hget_all = self.client.register_script(_HGET_ALL)
-                values = self._hget_all(keys=keys, args=[field])
-            else:  # a cluster: keys span slots, so per-node pipelines
-                with self.client.pipeline(transaction=False) as pipe:
-                    for k in keys:
-                        pipe.hget(k, field)
-                    values = [_wrong_type_as_bad(v) for v in pipe.execute(raise_on_error=False)]
+            if newer_than is None:
+                values = self._read_values(keys, field)
+            else:
+                values, stale, after = self._read_with_times(keys, field, ts_field(view), newer_than)
         except redis.RedisError as e:
             raise StoreUnavailable(f"redis: {e}") from e
         rows = decode_float_lists(values, dim)
-        return EmbeddingRows(rows.matrix, rows.missing, rows.undecodable)
+        if stale and rows.missing:  # bytes that did not decode are missing, not stale
+            gone = set(rows.missing)
+            stale = [i for i in stale if i not in gone]
+        return EmbeddingRows(rows.matrix, rows.missing, rows.undecodable, stale, after)
+
+    def _read_values(self, keys: list[bytes], field: bytes) -> list:
+        """Each key's stored value of `field` (None: absent; a key holding no hash reads as
+        `_NOT_A_HASH`). Raises redis errors."""
+        if self._single_node:
+            # One EVALSHA for all candidates: spares redis-py packing and parsing N commands
+            # (~1 ms instead of ~3 ms for 500). redis-py reloads the script by itself after a
+            # server restart (NOSCRIPT).
+            if self._hget_all is None:
+                self._hget_all = self.client.register_script(_HGET_ALL)
+            return self._hget_all(keys=keys, args=[field])
+        with self.client.pipeline(transaction=False) as pipe:  # a cluster: per-node pipelines
+            for k in keys:
+                pipe.hget(k, field)
+            return [_wrong_type_as_bad(v) for v in pipe.execute(raise_on_error=False)]
+
+    def _read_with_times(
+        self, keys: list[bytes], field: bytes, tfield: bytes, newer_than: int | NewestEvent
+    ) -> tuple[list, list[int], int | None]:
+        """`_read_values`, the ascending indices of keys holding a value whose event time is
+        absent, unreadable or not newer than `newer_than`, and the time compared with (None
+        when a NewestEvent found no event: nothing compared). Raises redis errors."""
+        if self._single_node:
+            # One script call, like the plain read: the newest event is looked up and the
+            # times compared server side, so only the (usually empty) list of stale indices
+            # and the time travel beside the values.
+            if self._hget_fresh is None:
+                self._hget_fresh = self.client.register_script(_HGET_FRESH)
+            if isinstance(newer_than, NewestEvent):
+                keys, args = [*keys, newer_than.key], [int(newer_than.before_us), "newest"]
+            else:
+                args = [int(newer_than), "at"]
+            out = self._hget_fresh(keys=keys, args=[field, tfield, *args])
+            return out[0], out[1], (int(out[2]) if len(out) > 2 else None)
+        after = newer_than
+        if isinstance(newer_than, NewestEvent):  # on its own node: one call more
+            top = self.client.zrevrangebyscore(
+                newer_than.key, f"({int(newer_than.before_us)}", "-inf", start=0, num=1,
+                withscores=True,
+            )  # fmt: skip
+            if not top:
+                return self._read_values(keys, field), [], None
+            after = int(top[0][1])
+        with self.client.pipeline(transaction=False) as pipe:
+            for k in keys:
+                pipe.hmget(k, [field, tfield])
+            replies = pipe.execute(raise_on_error=False)
+        values, stale = [], []
+        for i, reply in enumerate(replies):
+            value, ts = _wrong_type_as_bad(reply, (_NOT_A_HASH, None))
+            values.append(value)
+            if value:  # absent (None) and Feast's null (b"") are missing, never stale
+                us = None if ts is None else decode_timestamp_us(ts)
+                if us is None or us <= after:
+                    stale.append(i)
+        return values, stale, after
 
     def write(
         self,
@@ -227,30 +314,10 @@ def _wrong_type_as_bad(value, wrong_type=_NOT_A_HASH):
     return value
 
 
-# One version's field of every candidate key in one call (single Redis only: the keys of one
-# request would span slots on a cluster). A key that holds no hash (WRONGTYPE) reads as
-# `_NOT_A_HASH` instead of failing the whole request.
-_HGET_ALL = """
-local field = ARGV[1]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.pcall('HGET', key, field)
-  if type(v) == 'table' then v = '\\0' end
-  out[i] = v
-end
-return out
-"""
-
-# Compare-and-set of one version's rows, server side: for each key, write the value and the
-# event time (a serialized google.protobuf.Timestamp, as Feast stores it) unless the stored
-# event time is newer. ARGV: value field, time field, value width, time record width, then the
-# values (one per key, fixed width) and the time records (a length byte, then the serialized
-# Timestamp, zero-padded) as two blobs. Times are decoded only to compare with a stored one;
-# microseconds since 1970 stay below 2^53, exact in Lua's doubles. A stored time that is not a
-# Timestamp (feast_layout.decode_timestamp_us's rules) decodes as -1, so it is overwritten
-# rather than blocking its key forever (or failing the whole batch). A key that holds no hash
-# is left alone (not counted as written) rather than failing the batch.
-_CAS_WRITE = """
+# A stored event time (a serialized google.protobuf.Timestamp) in µs since 1970, or -1 when
+# the bytes are not one (feast_layout.decode_timestamp_us's rules). Microseconds since 1970
+# stay below 2^53, exact in Lua's doubles. The scripts below share it.
+_LUA_DECODE_TS = """
 local function decode_ts(raw)
   local secs, nanos, i, n = 0, 0, 1, #raw
   while i <= n do
@@ -275,6 +342,83 @@ local function decode_ts(raw)
   if secs < -62135596800 or secs > 253402300799 or nanos >= 1000000000 then return -1 end
   return secs * 1000000 + math.floor(nanos / 1000)
 end
+"""
+
+# One version's field of every candidate key in one call (single Redis only: the keys of one
+# request would span slots on a cluster). A key that holds no hash (WRONGTYPE) reads as
+# `_NOT_A_HASH` instead of failing the whole request.
+_HGET_ALL = """
+local field = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.pcall('HGET', key, field)
+  if type(v) == 'table' then v = '\\0' end
+  out[i] = v
+end
+return out
+"""
+
+# The same, also comparing each key's event time server side. ARGV: value field, time field, a
+# time in µs, and what it is: "at" (the time to compare with) or "newest" (the last key is a
+# sorted set of event times, compared with: its newest score strictly before the time; none:
+# nothing is compared). Returns {values, stale, time compared with (absent when none)}: values
+# as _HGET_ALL returns them; stale the 0-based indices of keys holding a value (not Feast's
+# empty null) whose time is absent, unreadable or not newer. One HMGET per key reads both
+# fields. Rows written together (a logged request, a write-back) share their time's bytes, so
+# each distinct time is decoded once.
+_HGET_FRESH = _LUA_DECODE_TS + """
+local vf, tf = ARGV[1], ARGV[2]
+local n, after = #KEYS, tonumber(ARGV[3])
+if ARGV[4] == 'newest' then
+  n = n - 1
+  local top = redis.pcall('ZREVRANGEBYSCORE', KEYS[#KEYS], '(' .. ARGV[3], '-inf',
+                          'WITHSCORES', 'LIMIT', 0, 1)
+  after = nil
+  if not top.err and top[2] then after = tonumber(top[2]) end
+end
+local values, stale, verdicts = {}, {}, {}
+if after == nil then
+  for i = 1, n do
+    local v = redis.pcall('HGET', KEYS[i], vf)
+    if type(v) == 'table' then v = '\\0' end
+    values[i] = v
+  end
+  return {values, stale}
+end
+for i = 1, n do
+  local got = redis.pcall('HMGET', KEYS[i], vf, tf)
+  if got.err then
+    values[i] = '\\0'
+  else
+    local v, t = got[1], got[2]
+    values[i] = v
+    if v and v ~= '' then
+      local old = true  -- no time: of unknown age
+      if t then
+        old = verdicts[t]
+        if old == nil then
+          local us = decode_ts(t)
+          old = us == -1 or us <= after
+          verdicts[t] = old
+        end
+      end
+      if old then stale[#stale + 1] = i - 1 end
+    end
+  end
+end
+return {values, stale, after}
+"""
+
+# Compare-and-set of one version's rows, server side: for each key, write the value and the
+# event time (a serialized google.protobuf.Timestamp, as Feast stores it) unless the stored
+# event time is newer. ARGV: value field, time field, value width, time record width, then the
+# values (one per key, fixed width) and the time records (a length byte, then the serialized
+# Timestamp, zero-padded) as two blobs. Times are decoded only to compare with a stored one;
+# microseconds since 1970 stay below 2^53, exact in Lua's doubles. A stored time that is not a
+# Timestamp (feast_layout.decode_timestamp_us's rules) decodes as -1, so it is overwritten
+# rather than blocking its key forever (or failing the whole batch). A key that holds no hash
+# is left alone (not counted as written) rather than failing the batch.
+_CAS_WRITE = _LUA_DECODE_TS + """
 local vf, tf = ARGV[1], ARGV[2]
 local vw, tw = tonumber(ARGV[3]), tonumber(ARGV[4])
 local values, times = ARGV[5], ARGV[6]

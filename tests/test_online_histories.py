@@ -52,7 +52,7 @@ def own_repo(demo_repo, dest) -> FeatureRepo:
 def live(demo_repo, redis_url, tmp_path_factory):
     """(ctx, events): a demo copy's context, its online histories seeded from its log."""
     repo = own_repo(demo_repo, tmp_path_factory.mktemp("olh") / "feature_repo")
-    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url), redis_url)
+    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url, refresh_stale=True), redis_url)
     events = pd.read_parquet(repo.events_dir / "events.parquet")
     assert backfill_histories(ctx) == len(events)  # every user's history is within the cap
     yield ctx, events
@@ -81,7 +81,7 @@ def test_backfill_holds_each_users_events(demo_repo, redis_url, tmp_path):
     """Every user's events, exactly once, and nothing added on a second run; unknown users
     are unknown."""
     repo = own_repo(demo_repo, tmp_path / "feature_repo")
-    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url), redis_url)
+    ctx = ServiceContext(Settings(repo=repo.path, redis_url=redis_url, refresh_stale=True), redis_url)
     events = pd.read_parquet(repo.events_dir / "events.parquet")
     assert backfill_histories(ctx) == len(events)
     assert backfill_histories(ctx) == 0

@@ -1,6 +1,16 @@
 """Lookup and score: a version's TAEs read from the online store, missing rows computed by the
 FM tier (read-through) and written back, and an expert's scores over them.
 
+Stale rows: a stored TAE was computed as of its event time (a logged request, an earlier
+write-back) and sees none of the user's events from then on. When read-through can compute
+(on, the version active, its FM loadable), a stored row whose event time is not after the
+user's newest event in the online histories (before the request time) is stale: read-through
+computes it again as of the request time and writes it back (the store's compare-and-set keeps
+the newer row), so a TAE served after an event reflects it. A stale row read-through cannot
+compute (an item outside the FM's vocabulary, the FM failing) is served as stored: an older TAE
+is better than none. A late event (older than rows stored after it arrived) is not seen this
+way: only event times are compared.
+
 What happened on the way (rows unusable, read-through skipped, a failed write-back,
 impressions that could not be logged) is returned in `LookupStats`; the REST face turns it
 into metrics.
@@ -30,7 +40,7 @@ from api.services.context import ServiceContext, as_int_array
 from api.services.errors import Conflict, Invalid, StoreUnavailable
 from experts import ExpertConfig, predict
 from fm.timefeatures import to_us
-from store_bridge.online import EmbeddingRows
+from store_bridge.online import EmbeddingRows, NewestEvent
 from store_bridge.repo import FMVersion
 
 log = logging.getLogger("foundex.api")
@@ -42,14 +52,16 @@ WARN_EVERY_S = 10.0  # impressions-not-logged warnings: at most one line this of
 @dataclass
 class LookupStats:
     """Counts for the metrics: rows by source, unusable rows by reason, read-through skips by
-    reason, failed write-backs, and served impressions not appended to the impressions stream
-    (one per candidate)."""
+    reason, stale rows by outcome ("recomputed": served computed now; "served": as stored,
+    read-through could not compute them), failed write-backs, and served impressions not
+    appended to the impressions stream (one per candidate)."""
 
     stored: int = 0
     computed: int = 0
     missing: int = 0
     unusable: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    stale: Counter = field(default_factory=Counter)
     write_errors: int = 0
     impressions_not_logged: int = 0
 
@@ -64,7 +76,7 @@ class Embeddings:
     version: FMVersion
     matrix: np.ndarray
     missing: list[int]
-    computed: list[int]
+    computed: list[int]  # stale rows computed again included
     stats: LookupStats
     surface: str | None = None
 
@@ -104,8 +116,10 @@ def lookup(
     """The TAEs of one version (named, or the one `expert` pins) for a user's candidates.
 
     The surface for read-through is the one given, else the expert's, else the FM's first
-    (the last chosen in `_read_through`, the only place that knows the FM's surfaces). Rows beyond +-limit (F16_MAX for a float16 answer) are
-    reported missing. Raises NotFound (unknown version/expert), Conflict (an expert pins a
+    (the last chosen in `_read_through`, the only place that knows the FM's surfaces). Rows
+    beyond +-limit (F16_MAX for a float16 answer) are reported missing. Stored rows older than
+    the user's newest event are computed again where read-through can, else served as stored
+    (the module docstring). Raises NotFound (unknown version/expert), Conflict (an expert pins a
     version the manifest lacks), Invalid (too many candidates, an expert without FM, a
     surface the FM lacks), StoreUnavailable.
     """
@@ -151,16 +165,18 @@ def embeddings(
     """One version's TAEs of `items` (int64 [n]) for a user; read-through computes them as of
     `now_us` (the request time, µs since the epoch; default: now).
 
-    Stored rows first (`rows`, when the caller read them already). Rows the store could not
-    decode or that hold NaN/Inf count as missing, so read-through computes them again and its
-    write-back replaces them. Whatever their source, rows holding a non-finite value or one
-    beyond +-limit are never served: reported missing. Raises StoreUnavailable, and Invalid
-    for a requested surface the FM lacks.
+    Stored rows first (`rows`, when the caller read them already with `stored_rows`). Rows the
+    store could not decode or that hold NaN/Inf count as missing, so read-through computes them
+    again and its write-back replaces them; stale rows (`stored_rows`) are computed again too,
+    and served as stored where read-through cannot. Whatever their source, rows holding a
+    non-finite value or one beyond +-limit are never served: reported missing. Raises
+    StoreUnavailable, and Invalid for a requested surface the FM lacks.
     """
     stats = LookupStats()
+    now_us = to_us(datetime.now(UTC)) if now_us is None else now_us
     if rows is None:
-        rows = ctx.store.read(version.version, version.dim, user_id, items)
-    matrix, missing = rows.matrix, list(rows.missing)
+        rows = stored_rows(ctx, version, user_id, items, now_us)
+    matrix, missing, stale = rows.matrix, list(rows.missing), rows.stale
     if rows.undecodable:
         stats.unusable["undecodable"] += len(rows.undecodable)
     bad = unservable(matrix, missing, math.inf)  # the store reports these already: a guard
@@ -168,12 +184,12 @@ def embeddings(
         stats.unusable["non_finite"] += len(bad)
         matrix[bad] = np.nan
         missing = sorted({*missing, *bad})
+        stale = sorted(set(stale) - set(bad))
     computed: list[int] = []
-    if missing and ctx.settings.read_through and version.status == "active":
+    if (missing or stale) and ctx.settings.read_through and version.status == "active":
         matrix, missing, computed, surface = _read_through(
-            ctx, stats, version, user_id, items, matrix, missing, surface,
-            surface_from_request=surface_from_request,
-            now_us=to_us(datetime.now(UTC)) if now_us is None else now_us,
+            ctx, stats, version, user_id, items, matrix, missing, stale, surface,
+            surface_from_request=surface_from_request, now_us=now_us,
         )
     bad = unservable(matrix, missing, limit)
     if bad:
@@ -184,19 +200,50 @@ def embeddings(
         missing = sorted({*missing, *bad})
         dropped = set(bad)
         computed = [i for i in computed if i not in dropped]
+    if stale:  # (adding Counters keeps only positive counts)
+        again = set(stale).intersection(computed)
+        stats.stale += Counter(recomputed=len(again),
+                               served=len(set(stale).difference(again, missing)))
     stats.stored = len(items) - len(missing) - len(computed)
     stats.computed, stats.missing = len(computed), len(missing)
     return Embeddings(version, matrix, missing, computed, stats, surface)
 
 
+def stored_rows(
+    ctx: ServiceContext, version: FMVersion, user_id: int, items: np.ndarray, now_us: int
+) -> EmbeddingRows:
+    """The version's stored rows of `items` (int64 [n]) for a user. When read-through could
+    compute them again, rows stored at or before the user's newest event before `now_us` (µs)
+    in the online histories are reported in `stale`: the store looks the event up and
+    compares in the same script as the read. Raises StoreUnavailable."""
+    newer_than = None
+    if _can_recompute(ctx, version):
+        newer_than = NewestEvent(ctx.histories.key(user_id), before_us=now_us)
+    return ctx.store.read(version.version, version.dim, user_id, items, newer_than=newer_than)
+
+
+def _can_recompute(ctx: ServiceContext, version: FMVersion) -> bool:
+    """Whether read-through could compute the version's rows: on, the version active, its FM
+    loadable here (loaded on first use) over online histories."""
+    if not (ctx.settings.read_through and ctx.settings.refresh_stale
+            and version.status == "active"):  # fmt: skip
+        return False
+    try:
+        return ctx.fm_tier.surfaces(version) is not None
+    except Exception:  # as in _read_through: the stored rows are served unchecked
+        log.exception("read-through unavailable", extra={"fields": {"fm_version": version.version}})
+        return False
+
+
 def _read_through(
     ctx: ServiceContext, stats: LookupStats, version: FMVersion, user_id: int,
-    items: np.ndarray, matrix: np.ndarray, missing: list[int], surface: str | None, *,
-    surface_from_request: bool = True, now_us: int,
+    items: np.ndarray, matrix: np.ndarray, missing: list[int], stale: list[int],
+    surface: str | None, *, surface_from_request: bool = True, now_us: int,
 ) -> tuple[np.ndarray, list[int], list[int], str | None]:
-    """Compute the missing rows with the same FM version as of `now_us`, write them back,
-    fill them in -> (matrix, missing, computed, the surface used: the FM's first when
-    `surface` is None and the FM's surfaces are known).
+    """Compute the missing and stale rows with the same FM version as of `now_us`, write them
+    back, fill them in -> (matrix, missing, computed, the surface used: the FM's first when
+    `surface` is None and the FM's surfaces are known). A stale row not computed keeps its
+    stored value.
 
     Only for users with history in the FM tier's event log: an unknown user's rows stay
     missing and nothing is written, so requests cannot fill the online store with rows for
@@ -220,7 +267,7 @@ def _read_through(
         if not surface_from_request:
             return nothing
         raise Invalid(f"unknown surface {surface!r}; FM {version.version} knows {known}")
-    holes = np.asarray(missing, dtype=np.int64)
+    holes = np.asarray(sorted({*missing, *stale}), dtype=np.int64)
     try:
         result = ctx.fm_tier.compute(version, user_id, items[holes], surface, now_us)
     except Exception:  # the FM tier is an optimisation: stored rows are still served
@@ -228,14 +275,17 @@ def _read_through(
         return nothing
     if result is None:
         return nothing
-    if result.unknown_user:
-        stats.skipped["unknown_user"] += len(holes)
-        return nothing
-    if result.unknown_items:
-        stats.skipped["unknown_item"] += result.unknown_items
-    if len(result.positions) == 0:
+    if result.unknown_user:  # its history expired since the stale check
+        stats.skipped["unknown_user"] += len(missing)
         return nothing
     done = holes[result.positions]
+    if result.unknown_items:
+        # The count covers every hole; skips count missing rows only, so the stale rows left
+        # uncomputed (served as stored) are taken off. Exact unless one came out non-finite.
+        stale_left = len(stale) - int(np.isin(done, stale).sum())
+        stats.skipped["unknown_item"] += max(0, result.unknown_items - stale_left)
+    if len(done) == 0:
+        return nothing
     matrix = matrix.copy()
     matrix[done] = result.taes
     ts = np.full(len(done), now_us, dtype=np.int64)
@@ -301,7 +351,7 @@ def score(ctx: ServiceContext, name: str, user_id: int, item_ids: list[int]) -> 
     # The pinned version's TAEs and the expert's Feast features are fetched concurrently.
     taes = None
     if version is not None:
-        taes = ctx.fetchers.submit(ctx.store.read, version.version, version.dim, user_id, items)
+        taes = ctx.fetchers.submit(stored_rows, ctx, version, user_id, items, now_us)
     try:
         feats = ctx.online_features(cfg, user_id, item_ids)
     finally:

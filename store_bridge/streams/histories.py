@@ -244,6 +244,19 @@ class OnlineHistories:
                 deleted += int(self.client.delete(*batch))
         return deleted
 
+    def latest_us(self, user_id: int, *, before_us: int | None = None) -> int | None:
+        """The time (µs since the epoch) of the user's newest stored event, or of the newest
+        strictly before `before_us`; None when there is none. One Redis call; raises redis
+        errors."""
+        key = self.key(user_id)
+        if before_us is None:
+            top = self.client.zrange(key, -1, -1, withscores=True)
+        else:
+            top = self.client.zrevrangebyscore(
+                key, f"({int(before_us)}", "-inf", start=0, num=1, withscores=True
+            )
+        return int(top[0][1]) if top else None
+
     def knows(self, user_id: int) -> bool:
         """Whether any event of the user is stored."""
         return bool(self.client.exists(self.key(user_id)))
