@@ -699,7 +699,7 @@ def _ingest_waiting(ctx: ServiceContext, chunk: pd.DataFrame):
 
 @app.command("consume")
 def consume_cmd(
-    role: Annotated[str, typer.Argument(help="histories or offline")],
+    role: Annotated[str, typer.Argument(help="histories, offline, logging or join")],
     repo: RepoOpt = None,
     consumer: Annotated[
         str | None,
@@ -715,8 +715,10 @@ def consume_cmd(
     ] = 10.0,
 ) -> None:
     """Run a stream consumer role: `histories` (every event into its user's online history
-    in Redis) or `offline` (the date-partitioned parquet log under data/events/live, exactly
-    once per event). Consumers acknowledge an entry only once it is handled, resume from
+    in Redis), `offline` (the date-partitioned parquet log under data/events/live, exactly
+    once per event), `logging` (served impressions -> TAEs of every active FM version as of
+    the request time, offline and online) or `join` (feedback events joined to their
+    impressions -> expert training rows under data/training_rows). Consumers acknowledge an entry only once it is handled, resume from
     their last acknowledged entry after a restart of themselves or of Redis, and report
     events handled, events/s and their group's lag. Ctrl-C or SIGTERM: the current batch is
     finished and acknowledged, then exit 0."""

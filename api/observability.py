@@ -74,8 +74,8 @@ class Metrics:
         )
         self.read_through_skipped = Counter(
             "foundex_read_through_skipped_total",
-            "Missing rows read-through did not compute, by reason: unknown_user (no history "
-            "in the event log), unknown_item (outside the FM's item vocabulary)",
+            "Missing rows read-through did not compute, by reason: unknown_user (no events "
+            "in the online histories), unknown_item (outside the FM's item vocabulary)",
             ["reason"],
             registry=self.registry,
         )
@@ -139,6 +139,7 @@ class LiveLoopCollector:
                                                  acknowledged (0 when none): the group's delay
     foundex_impression_buffer_rows               served impressions waiting for the stream
     foundex_impression_buffer_{submitted,appended,refused}_total, ..._failed_flushes_total
+    foundex_fm_sync_seq{version}                 the weight-sync seq the served weights stand at
 
     Streams are `ctx.events_stream` and `ctx.impressions_stream`; a group appears once it
     exists (a consumer created it, or ingestion did for the events stream's own groups). A
@@ -157,6 +158,19 @@ class LiveLoopCollector:
             return
         yield from self._streams(ctx)
         yield from self._buffer(ctx)
+        yield from self._sync(ctx)
+
+    @staticmethod
+    def _sync(ctx: ServiceContext) -> Iterator[Metric]:
+        # Only engines this process loaded (a lookup or score of the version loads it).
+        tier = ctx.__dict__.get("fm_tier")
+        seqs = tier.served_seqs() if tier is not None else {}
+        gauge = GaugeMetricFamily("foundex_fm_sync_seq", "The weight-sync sequence the serving "
+                                  "tier's weights of the version stand at (0: the published "
+                                  "checkpoint)", labels=["version"])  # fmt: skip
+        for version, seq in sorted(seqs.items()):
+            gauge.add_metric([version], seq)
+        yield gauge
 
     def _streams(self, ctx: ServiceContext) -> Iterator[Metric]:
         import redis

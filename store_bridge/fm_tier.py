@@ -393,6 +393,13 @@ class FMTier:
 
     # -- weight sync --
 
+    def served_seqs(self) -> dict[str, int]:
+        """version -> the sync sequence its loaded engine's weights stand at (0: the published
+        checkpoint); versions not loaded here are absent."""
+        with self._lock:
+            loaded = [(k[0], e) for k, e in self._engines.items() if e is not None]
+        return {name: (eng.sync.seq if eng.sync is not None else 0) for name, eng in loaded}
+
     def sync_state(self, version: FMVersion) -> EngineSync | None:
         """The version's sync state (seq, digest, swaps, the reader's last problem); None
         when its engine is not loaded here."""

@@ -147,6 +147,7 @@ def test_served_taes_after_a_sync_are_the_trainers_synced_state(setup):
     for _ in range(4):  # delta 1, delta 2, snapshot 3, delta 4
         kinds.append(publish(setup, tracker, 3).kind)
         assert tier.sync_once() == {"v1": tracker.seq}
+        assert tier.served_seqs() == {"v1": tracker.seq}  # what /metrics reports
         state = tier.sync_state(setup["version"])
         assert (state.seq, state.digest) == (tracker.seq, tracker.synced.digest)
         got, seq = served(tier, setup, req)
