@@ -105,7 +105,9 @@ def _job_id(imp: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write `table` to `path` under a temporary name, then rename: a reader (or a rerun)
+    sees the whole file or none of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -252,7 +254,7 @@ def log_version(
         online += store.write(version, u, i, t, m)
         for day, path in zip(days, targets, strict=True):
             sel = d == day
-            _write_atomic(tae_table(u[sel], i[sel], t[sel], m[sel], sync_seq=sync_seq), path)
+            write_parquet_atomic(tae_table(u[sel], i[sel], t[sel], m[sel], sync_seq=sync_seq), path)
             files += 1
         bar.update(len(u))
         bar.set_postfix(rows_per_s=f"{bar.n / (time.perf_counter() - t0):.0f}")

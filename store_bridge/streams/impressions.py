@@ -88,7 +88,12 @@ import redis
 
 from fm.timefeatures import timestamps_us
 from store_bridge.events.schema import EVENT_TIMESTAMP, DatasetSpec
-from store_bridge.logging_tier import BadEmbeddings, log_version, prepare_impressions
+from store_bridge.logging_tier import (
+    BadEmbeddings,
+    log_version,
+    prepare_impressions,
+    write_parquet_atomic,
+)
 from store_bridge.repo import FeatureRepo, FMVersion
 from store_bridge.streams.consumer import StreamConsumer
 from store_bridge.streams.histories import OnlineHistories
@@ -259,6 +264,15 @@ if new > old then redis.call('SET', KEYS[1], ARGV[1]) return new end
 return old
 """
 
+# KEYS: the impression's hash. ARGV: claim field, closer, ttl ms. The first closer wins; a key
+# that expired just before (HSETNX made it anew) gets an expiry again, and a live one keeps its
+# own. (PEXPIRE ... NX would say this in one command, but only from Redis 7; the embedded
+# server is 6.2.)
+_CLOSE = """
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+"""
+
 
 class OpenImpressions:
     """Logged impressions waiting for feedback, in Redis (see the module docstring)."""
@@ -281,6 +295,7 @@ class OpenImpressions:
         self.watermark_key = self.prefix + "watermark"
         self.sweep_key = self.prefix + "sweep"
         self._advance = client.register_script(_ADVANCE)
+        self._close = client.register_script(_CLOSE)
 
     def key(self, user_id: int, item_id: int) -> str:
         return f"{self.prefix}imp:{int(user_id)}:{int(item_id)}"
@@ -355,8 +370,7 @@ class OpenImpressions:
             if imp.taes is not None:  # an expired record is only taken off the due set
                 key = self.key(imp.user_id, imp.item_id)
                 _, claim_field = self._fields(imp.ts_us, imp.surface)
-                pipe.hsetnx(key, claim_field, closer)
-                pipe.pexpire(key, self.ttl_ms, nx=True)  # had it just expired: no orphan key
+                self._close(keys=[key], args=[claim_field, closer, self.ttl_ms], client=pipe)
             pipe.zrem(self.due_key, imp.member)
         pipe.execute()
 
@@ -784,7 +798,7 @@ def _write_rows(repo: FeatureRepo, rows: list[dict], tasks: list[str], job: str)
     for day in np.unique(days):
         sel = [r for r, d in zip(rows, days, strict=True) if d == day]
         path = root / str(day) / f"part-{job}.parquet"
-        _write_atomic(_rows_table(sel, tasks, versions, written_us), path)
+        write_parquet_atomic(_rows_table(sel, tasks, versions, written_us), path)
         paths.append(path)
     return paths
 
@@ -822,13 +836,6 @@ def _rows_table(rows: list[dict], tasks: list[str], versions: list[str], written
     # Data-to-trainer latency: event ingested -> its training row written (null when swept).
     cols["data_to_trainer_us"] = pa.array(written_us - ingest, pa.int64(), mask=~has)
     return pa.table(cols)
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 def read_training_rows(
