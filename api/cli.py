@@ -1127,21 +1127,44 @@ def bench_stream_cmd(
     typer.echo(json.dumps(result))
 
 
+# The offline studies (paper-tables, scaling) take their dataset and seeds the same way.
+StudyData = Annotated[str, typer.Option(help="synthetic, kuairand or movielens")]
+StudyDataPath = Annotated[
+    Path | None,
+    typer.Option("--data-path", "--path", help="folder (or ratings file) of the real dataset"),
+]
+StudySeeds = Annotated[
+    list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
+]
+
+
+def _study_inputs(
+    ctx: typer.Context, data: str, data_path: Path | None, seeds: list[int] | None
+) -> list[int]:
+    """Check a study's --data / --data-path -> its seeds (`--seeds 0 1 2`: click keeps the
+    first value, the rest arrive as extra args). Raises typer.BadParameter."""
+    from experts.paper.data import DATASETS
+
+    if data not in DATASETS:
+        raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
+    if data != "synthetic" and data_path is None:
+        raise typer.BadParameter(f"required with --data {data}", param_hint="--data-path")
+    if data_path is not None and not data_path.exists():
+        raise typer.BadParameter(f"{data_path} does not exist", param_hint="--data-path")
+    try:
+        return list(seeds or []) + [int(a) for a in ctx.args]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
+
+
 @app.command(
     "paper-tables", context_settings={"allow_extra_args": True, "ignore_unknown_options": False}
 )
 def paper_tables_cmd(
     ctx: typer.Context,
-    data: Annotated[str, typer.Option(help="synthetic, kuairand or movielens")] = "synthetic",
-    data_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-path", "--path", help="folder (or ratings file) of the real dataset"
-        ),
-    ] = None,
-    seeds: Annotated[
-        list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
-    ] = None,
+    data: StudyData = "synthetic",
+    data_path: StudyDataPath = None,
+    seeds: StudySeeds = None,
     time_budget: Annotated[
         float, typer.Option(min=1, help="seconds the run may take, roughly; sizes data and steps")
     ] = 120.0,
@@ -1153,19 +1176,10 @@ def paper_tables_cmd(
     """The paper's four tables (UE/TAE vs no-FM, FM small->large with TR, unseen tasks, expert
     vs one-stage FLOPs) over several seeds, in memory; a markdown report and PNG plots, then
     one JSON object as the last line."""
-    from experts.paper.data import DATASETS, DataError
+    from experts.paper.data import DataError
     from experts.paper.tables import run
 
-    if data not in DATASETS:
-        raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
-    if data != "synthetic" and data_path is None:
-        raise typer.BadParameter(f"required with --data {data}", param_hint="--data-path")
-    if data_path is not None and not data_path.exists():
-        raise typer.BadParameter(f"{data_path} does not exist", param_hint="--data-path")
-    try:  # `--seeds 0 1 2`: click keeps the first value, the rest arrive as extra args
-        all_seeds = list(seeds or []) + [int(a) for a in ctx.args]
-    except ValueError:
-        raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
+    all_seeds = _study_inputs(ctx, data, data_path, seeds)
     try:
         result = run(
             data, data_path, all_seeds or [0, 1, 2], time_budget, out,
@@ -1182,16 +1196,9 @@ def paper_tables_cmd(
 )
 def scaling_cmd(
     ctx: typer.Context,
-    data: Annotated[str, typer.Option(help="synthetic, kuairand or movielens")] = "synthetic",
-    data_path: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-path", "--path", help="folder (or ratings file) of the real dataset"
-        ),
-    ] = None,
-    seeds: Annotated[
-        list[int] | None, typer.Option(help="seeds, e.g. --seeds 0 1 2 (default 0 1 2)")
-    ] = None,
+    data: StudyData = "synthetic",
+    data_path: StudyDataPath = None,
+    seeds: StudySeeds = None,
     time_budget: Annotated[
         float, typer.Option(min=1, help="seconds the sweep may take, roughly; sizes and passes")
     ] = 1800.0,
@@ -1204,21 +1211,12 @@ def scaling_cmd(
     """FM NE and +TAE expert NE over a ladder of FM sizes (>= 30x in FLOPs), a power-law fit
     NE(C) = a*C^-b + c, TRs between sizes judged on paired seeds; a markdown report and a PNG,
     then one JSON object as the last line."""
-    from experts.paper.data import DATASETS, DataError
+    from experts.paper.data import DataError
     from experts.paper.scaling import run
 
-    if data not in DATASETS:
-        raise typer.BadParameter(f"one of {DATASETS}", param_hint="--data")
+    all_seeds = _study_inputs(ctx, data, data_path, seeds)
     if device not in ("cpu", "cuda"):
         raise typer.BadParameter("cpu or cuda", param_hint="--device")
-    if data != "synthetic" and data_path is None:
-        raise typer.BadParameter(f"required with --data {data}", param_hint="--data-path")
-    if data_path is not None and not data_path.exists():
-        raise typer.BadParameter(f"{data_path} does not exist", param_hint="--data-path")
-    try:  # `--seeds 0 1 2`: click keeps the first value, the rest arrive as extra args
-        all_seeds = list(seeds or []) + [int(a) for a in ctx.args]
-    except ValueError:
-        raise typer.BadParameter(f"seeds must be integers, got {ctx.args}") from None
     try:
         result = run(
             data, data_path, all_seeds or [0, 1, 2], time_budget, out,
