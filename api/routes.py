@@ -117,7 +117,7 @@ embeddings = APIRouter(**READ)
 @versions.get("/fm-versions", response_model=VersionList)
 def fm_versions(ctx: Context) -> VersionList:
     versions = ctx.manifest().versions
-    syncs = lifecycle.sync_infos(ctx, list(versions))
+    syncs = lifecycle.sync_infos(ctx, list(versions.values()))
     return VersionList(versions=[
         VersionInfo.of(v, *((s.seq, s.time) if (s := syncs.get(name)) else ()))
         for name, v in versions.items()

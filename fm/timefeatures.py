@@ -121,6 +121,13 @@ def to_us(when: datetime | pd.Timestamp) -> int:
     return (when - _EPOCH) // timedelta(microseconds=1)  # floor, also for pd.Timestamp
 
 
+def iso_utc(time_us: int) -> str:
+    """µs since the epoch -> ISO-8601 UTC to the millisecond (integer arithmetic: no float
+    seconds)."""
+    when = _EPOCH + timedelta(microseconds=int(time_us))
+    return when.isoformat(timespec="milliseconds")
+
+
 def timestamps_us(ts: pd.Series) -> np.ndarray:
     """A timestamp column as int64 microseconds since the epoch (UTC); naive values are UTC.
 

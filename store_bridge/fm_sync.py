@@ -52,6 +52,7 @@ from fm.sync import (
     apply_updates,
     update_from_bytes,
 )
+from fm.timefeatures import iso_utc
 from store_bridge.repo import VERSION_RE, FeatureRepo
 from store_bridge.streams.records import EVENT_ID, decode_batch
 from store_bridge.streams.stream import RedisStream
@@ -226,9 +227,22 @@ class SyncPublisher(_SyncChannel):
         row = {k: [v] for k, v in asdict(a).items() if k != "entry_id"}
         row[EVENT_ID] = [f"{a.version}:{a.seq}:{a.kind}:{a.digest}"]
         entry = self.stream.append(pa.table(row)).entry_id
+        self._record(a)
         if isinstance(update, Snapshot):
             self._retain()
         return replace(a, entry_id=entry or "")
+
+    def _record(self, a: Announcement) -> None:
+        """The manifest records the version's latest sync (seq, time), after the
+        announcement: readers follow the stream, the manifest is the repo's record. Should
+        writing it fail, the update stays published and the next publish records the latest."""
+        from store_bridge.versions import VersionRegistry  # versions is heavier; publish only
+
+        try:
+            VersionRegistry(self.repo).record_sync(self.version, a.seq, iso_utc(a.time_us))
+        except OSError as e:
+            log.warning("fm_sync %s: update %d published but not recorded in the manifest: %s",
+                        self.version, a.seq, e)
 
     def _retain(self) -> None:
         """Forget what comes before the oldest of the last `keep_snapshots` snapshots."""

@@ -8,10 +8,13 @@ nothing lives only in the registry.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -45,7 +48,10 @@ class FMVersion(BaseModel):
     ttl_seconds: int = Field(default=7 * 86400, gt=0)
     created_at: str
     description: str = ""
-
+    # Weight sync within this version (`store_bridge.fm_sync`): the latest update published,
+    # recorded by the publisher after announcing it. None: never synced.
+    sync_seq: int | None = Field(default=None, ge=0)
+    sync_time: str | None = None  # when that update was published, ISO-8601 UTC
 
     def model_path(self, repo: FeatureRepo) -> Path:
         """What computing this version's TAEs loads: the serving artifact where there is one."""
@@ -134,12 +140,30 @@ class FeatureRepo:
         raw = yaml.safe_load(self.manifest_path.read_text()) or {}
         return Manifest.model_validate(raw)
 
+    @contextmanager
+    def manifest_update(self) -> Iterator[Manifest]:
+        """Read-modify-write of the manifest under an exclusive lock (flock on
+        `data/.fm_versions.lock`): yields the manifest as it is now and saves it when the block
+        ends without an exception. Publish, retire, gc and the weight-sync publisher all change
+        it, possibly from different processes; without the lock one's change could overwrite
+        another's (and two publishes could take the same name)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        with open(self.data / ".fm_versions.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            manifest = self.load_manifest()
+            yield manifest
+            self.save_manifest(manifest)
+
     def save_manifest(self, manifest: Manifest) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         tmp = self.manifest_path.with_suffix(".yaml.tmp")
         data = manifest.model_dump(mode="json")
         if not data["deleted"]:
             del data["deleted"]  # manifests without gc'd versions keep their old shape
+        for entry in data["versions"].values():  # and versions never synced theirs
+            for key in ("sync_seq", "sync_time"):
+                if entry.get(key) is None:
+                    entry.pop(key, None)
         tmp.write_text(yaml.safe_dump(data, sort_keys=True))
         os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
 

@@ -200,54 +200,55 @@ def publish(
         raise VersionError(f"ttl must be at least one second, got {ttl_seconds}")
     if not zipfile.is_zipfile(checkpoint):  # torch.save writes a zip archive; sniff cheaply
         raise VersionError(f"{checkpoint} is not an FM checkpoint: not a PyTorch archive")
-    manifest = repo.load_manifest()
-    digest = _digest(checkpoint)
-    same = find_duplicate(manifest, digest)
-    if same is not None and not allow_duplicate:
-        raise DuplicateCheckpoint(
-            f"{checkpoint} is already published as {same.version} ({same.status}, digest "
-            f"{digest[:12]}); allow duplicates (CLI --allow-duplicate, REST "
-            '"allow_duplicate": true) to publish it again under a new version'
-        )
-    # torch: only once the cheap checks have passed
-    from fm.checkpoint import load_checkpoint
-    from fm.export import write_serving
+    # Under the manifest's lock from choosing the name to saving the entry: two publishes at
+    # once get two names.
+    with repo.manifest_update() as manifest:
+        digest = _digest(checkpoint)
+        same = find_duplicate(manifest, digest)
+        if same is not None and not allow_duplicate:
+            raise DuplicateCheckpoint(
+                f"{checkpoint} is already published as {same.version} ({same.status}, digest "
+                f"{digest[:12]}); allow duplicates (CLI --allow-duplicate, REST "
+                '"allow_duplicate": true) to publish it again under a new version'
+            )
+        # torch: only once the cheap checks have passed
+        from fm.checkpoint import load_checkpoint
+        from fm.export import write_serving
 
-    try:
-        model, extra = load_checkpoint(checkpoint)
-    except ValueError as e:  # fm.checkpoint's one-line CheckpointError
-        raise VersionError(str(e)) from None
-    if model.main_head is None:
-        # A serving artifact has no heads and its digest is not its model's: publishing it
-        # would give one model two versions. Publish writes its own artifact anyway.
-        source = str(extra.get("source_digest", ""))
-        of = find_duplicate(manifest, source) if source else None
-        origin = (f"exported from {of.version}'s checkpoint, digest {source[:12]}" if of
-                  else f"exported from digest {source[:12]}" if source else "no task heads")
-        raise VersionError(
-            f"{checkpoint} is a serving artifact ({origin}); publish the training checkpoint"
+        try:
+            model, extra = load_checkpoint(checkpoint)
+        except ValueError as e:  # fm.checkpoint's one-line CheckpointError
+            raise VersionError(str(e)) from None
+        if model.main_head is None:
+            # A serving artifact has no heads and its digest is not its model's: publishing it
+            # would give one model two versions. Publish writes its own artifact anyway.
+            source = str(extra.get("source_digest", ""))
+            of = find_duplicate(manifest, source) if source else None
+            origin = (f"exported from {of.version}'s checkpoint, digest {source[:12]}" if of
+                      else f"exported from digest {source[:12]}" if source else "no task heads")
+            raise VersionError(
+                f"{checkpoint} is a serving artifact ({origin}); publish the training checkpoint"
+            )
+        url = _url(redis_url)
+        version = manifest.next_version()
+        repo.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        target = repo.checkpoints_dir / f"{version}.pt"
+        shutil.copyfile(checkpoint, target)
+        # Logging and serving load only the TAE path: no task heads, no alignment modules.
+        serving = repo.checkpoints_dir / f"{version}.serving.pt"
+        write_serving(model, extra, serving, source_digest=digest)
+        entry = FMVersion(
+            version=version,
+            dim=model.config.d_model,
+            checkpoint=str(target.relative_to(repo.data)),
+            serving_artifact=str(serving.relative_to(repo.data)),
+            digest=digest,
+            training_window=window,
+            ttl_seconds=ttl_seconds,
+            created_at=now_iso(),
+            description=description,
         )
-    url = _url(redis_url)
-    version = manifest.next_version()
-    repo.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    target = repo.checkpoints_dir / f"{version}.pt"
-    shutil.copyfile(checkpoint, target)
-    # Logging and serving load only the TAE path: no task heads, no alignment modules.
-    serving = repo.checkpoints_dir / f"{version}.serving.pt"
-    write_serving(model, extra, serving, source_digest=digest)
-    entry = FMVersion(
-        version=version,
-        dim=model.config.d_model,
-        checkpoint=str(target.relative_to(repo.data)),
-        serving_artifact=str(serving.relative_to(repo.data)),
-        digest=digest,
-        training_window=window,
-        ttl_seconds=ttl_seconds,
-        created_at=now_iso(),
-        description=description,
-    )
-    manifest.versions[version] = entry
-    repo.save_manifest(manifest)
+        manifest.versions[version] = entry
     feast_apply(repo, url)
     return entry
 
@@ -268,11 +269,11 @@ def retire(
 
 def _retire(repo: FeatureRepo, version: str, redis_url: RedisURL) -> FMVersion:
     url = _url(redis_url)
-    manifest = repo.load_manifest()
-    manifest.versions[version] = manifest.versions[version].model_copy(update={"status": "retired"})
-    repo.save_manifest(manifest)
+    with repo.manifest_update() as manifest:
+        entry = manifest.versions[version].model_copy(update={"status": "retired"})
+        manifest.versions[version] = entry
     feast_apply(repo, url)
-    return manifest.versions[version]
+    return entry
 
 
 @dataclass
@@ -315,14 +316,13 @@ def _gc(repo: FeatureRepo, entry: FMVersion, redis_url: RedisURL) -> GCReport:
         if path and path.is_file() and path.is_relative_to(repo.checkpoints_dir.resolve()):
             path.unlink()
             removed = True
-    manifest = repo.load_manifest()
-    del manifest.versions[version]
-    manifest.deleted[version] = DeletedVersion(
-        version=version, dim=entry.dim, digest=entry.digest,
-        training_window=entry.training_window, created_at=entry.created_at,
-        deleted_at=now_iso(), description=entry.description,
-    )
-    repo.save_manifest(manifest)
+    with repo.manifest_update() as manifest:
+        del manifest.versions[version]
+        manifest.deleted[version] = DeletedVersion(
+            version=version, dim=entry.dim, digest=entry.digest,
+            training_window=entry.training_window, created_at=entry.created_at,
+            deleted_at=now_iso(), description=entry.description,
+        )
     # The view leaves the registry; Feast's apply also deletes the view's online rows itself.
     feast_apply(repo, url)
     return GCReport(version, online, files, removed)
@@ -462,6 +462,19 @@ class VersionRegistry:
             )
 
     # ---- lifecycle ------------------------------------------------------------------------
+
+    def record_sync(self, version: str, seq: int, time: str) -> bool:
+        """Record that weight-sync update `seq` of `version` was published at `time`
+        (ISO-8601 UTC) in the manifest -> True; False (nothing written) when the manifest does
+        not list `version` (a sync channel of an unpublished model, e.g. a scratch repo's).
+        The latest call wins: the publisher only ever announces increasing seqs per channel."""
+        with self._repo.manifest_update() as manifest:
+            entry = manifest.versions.get(version)
+            if entry is None:
+                return False
+            manifest.versions[version] = entry.model_copy(
+                update={"sync_seq": int(seq), "sync_time": time})
+        return True
 
     def publish(self, checkpoint: Path, redis_url: RedisURL, **kwargs: Any) -> FMVersion:
         """Publish `checkpoint` as the next version; see `publish` for the keywords and errors."""

@@ -313,3 +313,42 @@ def test_logged_rows_carry_the_sync_seq_they_were_computed_with(setup):
     # v2 was never synced: its rows say 0
     v2 = [pq.read_table(f, columns=["sync_seq"]) for f in repo.tae_dir("v2").glob("*/*.parquet")]
     assert v2 and {s for tb in v2 for s in tb.column("sync_seq").to_pylist()} == {0}
+
+
+def test_the_manifest_records_each_versions_latest_sync(setup):
+    """The manifest file (the repo's record, read without Redis) holds the latest published
+    seq and time; a version never synced carries neither key."""
+    from api.services.context import ServiceContext
+    from api.services.lifecycle import list_versions
+    from api.settings import Settings
+
+    repo, t, pub = setup["repo"], setup["trainer"], setup["pub"]
+    tracker = SyncTracker.for_model(t.model, snapshot_every=10)
+    pub.publish(tracker.base_snapshot())
+    raw = yaml.safe_load(repo.manifest_path.read_text())["versions"]
+    assert raw["v1"]["sync_seq"] == 0 and "sync_seq" not in raw["v2"]
+    publish(setup, tracker, 2)
+    publish(setup, tracker, 2)
+    latest = pub.latest()
+    entry = repo.load_manifest().versions["v1"]
+    assert entry.sync_seq == latest.seq == 2
+    assert pd.Timestamp(entry.sync_time).value // 1_000_000 == latest.time_us // 1000
+    assert "sync_seq" not in yaml.safe_load(repo.manifest_path.read_text())["versions"]["v2"]
+
+    # The announcements gone (a wiped Redis): the listing falls back on the manifest's record.
+    setup["client"].delete(pub.stream.key)
+    settings = Settings(repo=repo.path, redis_url=setup["redis_url"])
+    ctx = ServiceContext(settings, setup["redis_url"])
+    listed = {i.entry.version: i.sync for i in list_versions(ctx).versions}
+    ctx.close()
+    assert (listed["v1"].seq, listed["v1"].time, listed["v1"].kind) == (2, entry.sync_time, None)
+    assert listed["v2"] is None
+
+
+def test_a_sync_channel_of_an_unpublished_version_records_nothing(setup):
+    from store_bridge.versions import VersionRegistry
+
+    repo = setup["repo"]
+    before = repo.manifest_path.read_bytes()
+    assert VersionRegistry(repo).record_sync("v9", 3, "2026-01-01T00:00:00.000+00:00") is False
+    assert repo.manifest_path.read_bytes() == before

@@ -286,3 +286,38 @@ def test_the_attention_backend_never_imports_its_dispatcher():
     assert not {n for n in imported if n.startswith("fm")}
     ops = (ROOT / "fm" / "ops.py").read_text()
     assert "from fm import triton_attention" in ops
+
+
+def _record_many(repo_path: str, version: str, n: int) -> None:
+    registry = VersionRegistry(FeatureRepo(Path(repo_path)))
+    for seq in range(n):
+        assert registry.record_sync(version, seq, f"2026-01-01T00:00:{seq:02d}.000+00:00")
+
+
+def test_manifest_updates_from_several_processes_lose_nothing(tmp_path):
+    """Read-modify-write of the manifest happens under its lock: four processes recording
+    syncs of four versions at once each end with their own last record (without the lock,
+    one process's save overwrites another's fresher entry)."""
+    import multiprocessing as mp
+
+    r = FeatureRepo(tmp_path / "repo")
+    r.save_manifest(Manifest(versions={f"v{k}": _version(f"v{k}") for k in range(1, 5)}))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_record_many, args=(str(r.path), f"v{k}", 40)) for k in range(1, 5)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    got = r.load_manifest().versions
+    assert {v: (e.sync_seq, e.sync_time) for v, e in got.items()} == {
+        f"v{k}": (39, "2026-01-01T00:00:39.000+00:00") for k in range(1, 5)
+    }
+
+
+def test_a_failed_manifest_update_changes_nothing(repo):
+    before = repo.manifest_path.read_bytes()
+    with pytest.raises(RuntimeError), repo.manifest_update() as m:
+        m.versions["v2"] = m.versions["v2"].model_copy(update={"status": "retired"})
+        raise RuntimeError("mid-update")
+    assert repo.manifest_path.read_bytes() == before

@@ -8,11 +8,11 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from api.services.context import ServiceContext
 from api.services.errors import Conflict, Invalid, NotFound, Unavailable
+from fm.timefeatures import iso_utc
 from store_bridge.repo import DeletedVersion, FeastApplyError, FMVersion
 from store_bridge.versions import (
     DuplicateCheckpoint,
@@ -49,8 +49,8 @@ class SyncInfo:
 
     seq: int
     time: str  # when it was published, ISO-8601 UTC
-    kind: str  # "delta" | "snapshot"
-    step: int  # the trainer's step
+    kind: str | None = None  # "delta" | "snapshot"; None when read from the manifest
+    step: int | None = None  # the trainer's step; None when read from the manifest
 
 
 @dataclass
@@ -69,31 +69,26 @@ class VersionListing:
     deleted: list[DeletedVersion]
 
 
-def sync_infos(ctx: ServiceContext, versions: list[str]) -> dict[str, SyncInfo | None]:
-    """Each version's latest published sync update (one Redis read each; None when none was
-    ever published). A Redis error is logged and leaves every version None: listing versions
-    does not depend on Redis."""
-    if not versions:
-        return {}
+def sync_infos(ctx: ServiceContext, entries: list[FMVersion]) -> dict[str, SyncInfo | None]:
+    """Each version's latest published sync update: from its announcements in Redis (one read
+    each), else as the manifest recorded it (None: never synced). A Redis error is logged and
+    leaves the manifest's record: listing versions does not depend on Redis."""
     import redis
 
     from store_bridge.fm_sync import SyncReader
 
-    out: dict[str, SyncInfo | None] = {}
+    live: dict[str, SyncInfo] = {}
     try:
-        for name in versions:
-            a = SyncReader(ctx.repo, ctx.client, name).latest()
-            out[name] = None if a is None else SyncInfo(a.seq, _iso(a.time_us), a.kind, a.step)
-    except redis.RedisError as e:
-        log.warning("FM versions listed without their sync state: Redis: %s", e)
-        return dict.fromkeys(versions)
-    return out
-
-
-def _iso(time_us: int) -> str:
-    """µs since the epoch -> ISO-8601 UTC to the millisecond (exact: no float seconds)."""
-    t = datetime.fromtimestamp(time_us // 1_000_000, UTC) + timedelta(microseconds=time_us % 1_000_000)
-    return t.isoformat(timespec="milliseconds")
+        for e in entries:
+            a = SyncReader(ctx.repo, ctx.client, e.version).latest()
+            if a is not None:
+                live[e.version] = SyncInfo(a.seq, iso_utc(a.time_us), a.kind, a.step)
+    except redis.RedisError as err:
+        log.warning("FM versions listed with the manifest's sync record: Redis: %s", err)
+        live = {}
+    return {e.version: live.get(e.version) or (
+        SyncInfo(e.sync_seq, e.sync_time or "") if e.sync_seq is not None else None)
+        for e in entries}
 
 
 def list_versions(ctx: ServiceContext, *, with_sync: bool = True) -> VersionListing:
@@ -101,7 +96,7 @@ def list_versions(ctx: ServiceContext, *, with_sync: bool = True) -> VersionList
     each one's latest weight sync, then tombstones."""
     manifest = ctx.manifest()
     pins = ctx.registry().pins() if manifest.versions else {}
-    syncs = sync_infos(ctx, list(manifest.versions)) if with_sync else {}
+    syncs = sync_infos(ctx, list(manifest.versions.values())) if with_sync else {}
     listed = [Listed(v, sorted(n for n, p in pins.items() if p == v.version), syncs.get(v.version))
               for v in manifest.versions.values()]
     return VersionListing(listed, list(manifest.deleted.values()))
