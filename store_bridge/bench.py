@@ -13,6 +13,9 @@ timeit advises); online reads report the median of many.
 
 It works in a scratch copy of the Feast repo with a project name of its own, so its Redis rows
 never meet the repo's; they are deleted at the end.
+
+With a `ScaleConfig` (`--scale-rows`), it runs the training-set scale bench instead: in-memory,
+bounded and Feast's paths at large sizes, seconds and peak RSS (`bench_training_scale.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -38,6 +42,9 @@ from store_bridge.online import EMBEDDING, RedisEmbeddingStore
 from store_bridge.redis_server import FEAST_ENV, feast_connection_string, redis_client
 from store_bridge.repo import FeatureRepo, FMVersion, Manifest, feast_apply, view_name
 from store_bridge.training_set import point_in_time_join
+
+if TYPE_CHECKING:
+    from store_bridge.bench_training_scale import ScaleConfig
 
 T0_US = 1_767_571_200_000_000  # 2026-01-05T00:00:00Z
 TTL_S = 3 * 86400
@@ -120,8 +127,14 @@ def bench_store(
     *,
     say: Callable[[str], None] = print,
     seed: int = 0,
+    scale: ScaleConfig | None = None,
 ) -> dict:
-    """Run the three comparisons; returns every figure and ratio (see TARGETS)."""
+    """Run the three comparisons; returns every figure and ratio (see TARGETS). With `scale`:
+    the training-set scale bench instead (`bench_training_scale`; `size` is not used)."""
+    if scale is not None:
+        from store_bridge.bench_training_scale import bench_training_scale
+
+        return bench_training_scale(redis_url, source_repo, scale, say=say, seed=seed)
     from feast import FeatureStore
 
     size = size or BenchSize()
@@ -317,6 +330,10 @@ def _isna(value: object) -> bool:
 
 
 def format_table(results: dict) -> str:
+    if "scale" in results:
+        from store_bridge.bench_training_scale import format_scale_table
+
+        return format_scale_table(results)
     on, tr, lg, r = results["online"], results["training"], results["logging"], results["ratios"]
     met = results["targets_met"]
 

@@ -34,13 +34,14 @@ LATEST_US = to_us(pd.Timestamp("2262-04-11", tz="UTC"))
 _OFFSET = r"[Tt ]\d\d(?::?\d\d(?::?\d\d(?:[.,]\d+)?)?)?\s*(?:[zZ]|[+-]\d\d(?::?\d\d)?)$"
 
 
-def label_timestamps(ts: pd.Series) -> tuple[pd.Series, str | None]:
+def label_timestamps(ts: pd.Series, first_row: int = 0) -> tuple[pd.Series, str | None]:
     """Validate a label-row time column -> (datetime64[us, UTC] series, note or None).
 
     Accepted: timestamps with a time zone (converted to UTC); timestamps without one, and
     ISO 8601 strings without an offset, taken as UTC (the note says so). Raises ValueError
     (one line, naming the row) for numbers (an epoch's unit is ambiguous), other text,
-    missing values, and times before 1970-01-01 or from 2262-04-11 on.
+    missing values, and times before 1970-01-01 or from 2262-04-11 on. `first_row`: the
+    input row number of `ts`'s first value (a batch of a longer file), for those messages.
     """
     note = None
     if isinstance(ts.dtype, pd.DatetimeTZDtype):
@@ -55,32 +56,32 @@ def label_timestamps(ts: pd.Series) -> tuple[pd.Series, str | None]:
             "pd.to_datetime(col, unit='s', utc=True)"
         )
     else:
-        out, note = _parse_text_times(ts)
+        out, note = _parse_text_times(ts, first_row)
     missing = out.isna().to_numpy()
     if missing.any():
         raise ValueError(
             f"{EVENT_TIMESTAMP} is missing on {int(missing.sum()):,} of {len(missing):,} rows "
-            f"(first: row {int(np.argmax(missing))})"
+            f"(first: row {first_row + int(np.argmax(missing))})"
         )
     us = timestamps_us(out)
     bad = (us < EARLIEST_US) | (us >= LATEST_US)
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f"{EVENT_TIMESTAMP} {out.iloc[i].isoformat()} (row {i}) is outside the supported "
-            f"range 1970-01-01 .. 2262-04-10 UTC ({int(bad.sum()):,} of {len(us):,} rows)"
+            f"{EVENT_TIMESTAMP} {out.iloc[i].isoformat()} (row {first_row + i}) is outside the "
+            f"supported range 1970-01-01 .. 2262-04-10 UTC ({int(bad.sum()):,} of {len(us):,} rows)"
         )
     return out, note
 
 
-def _parse_text_times(ts: pd.Series) -> tuple[pd.Series, str | None]:
+def _parse_text_times(ts: pd.Series, first_row: int = 0) -> tuple[pd.Series, str | None]:
     text = ts.astype("string").str.strip()
     numeric = text.str.fullmatch(r"[+-]?\d+(\.\d*)?").fillna(False).to_numpy(bool)
     if numeric.any():
         i = int(np.argmax(numeric))
         raise ValueError(
-            f"{EVENT_TIMESTAMP} value {ts.iloc[i]!r} (row {i}) is a number; epoch numbers are "
-            "refused because their unit is ambiguous: give ISO 8601 times or timestamps"
+            f"{EVENT_TIMESTAMP} value {ts.iloc[i]!r} (row {first_row + i}) is a number; epoch "
+            "numbers are refused because their unit is ambiguous: give ISO 8601 times or timestamps"
         )
     # Times with and without an offset are parsed apart: in one call pandas applies the
     # offset of an earlier string to the offset-less ones after it.
@@ -89,7 +90,7 @@ def _parse_text_times(ts: pd.Series) -> tuple[pd.Series, str | None]:
     for mask in (has_offset, ~has_offset):
         rows = np.flatnonzero(mask)
         if len(rows):
-            parsed = _parse_iso(text.iloc[rows], rows, ts)
+            parsed = _parse_iso(text.iloc[rows], rows, ts, first_row)
             values[rows] = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[us]")
     out = pd.Series(values, index=ts.index).dt.tz_localize("UTC")
     naive = int((~has_offset & text.notna().to_numpy(bool)).sum())
@@ -100,14 +101,16 @@ def _parse_text_times(ts: pd.Series) -> tuple[pd.Series, str | None]:
     return out, note
 
 
-def _parse_iso(text: pd.Series, rows: np.ndarray, original: pd.Series) -> pd.Series:
+def _parse_iso(
+    text: pd.Series, rows: np.ndarray, original: pd.Series, first_row: int = 0
+) -> pd.Series:
     """ISO 8601 strings -> datetime64[us, UTC]; errors name the row in `original`."""
     try:
         return pd.to_datetime(text, utc=True, format="ISO8601").astype("datetime64[us, UTC]")
     except (ValueError, TypeError, OverflowError) as e:
         m = re.search(r"at position (\d+)", str(e))
         row = int(rows[int(m.group(1))]) if m else None
-        where = f" (row {row}: {original.iloc[row]!r})" if row is not None else ""
+        where = f" (row {first_row + row}: {original.iloc[row]!r})" if row is not None else ""
         if isinstance(e, pd.errors.OutOfBoundsDatetime):
             raise ValueError(
                 f"{EVENT_TIMESTAMP} holds a time outside the supported range 1970-01-01 .. "
@@ -119,8 +122,9 @@ def _parse_iso(text: pd.Series, rows: np.ndarray, original: pd.Series) -> pd.Ser
         ) from None
 
 
-def _key_column(labels: pd.DataFrame, col: str) -> np.ndarray:
-    """An id column as int64; ValueError unless every value is a whole number."""
+def _key_column(labels: pd.DataFrame, col: str, first_row: int = 0) -> np.ndarray:
+    """An id column as int64; ValueError unless every value is a whole number (`first_row`:
+    the input row number of the frame's first row, for the message)."""
     values = labels[col]
     if pd.api.types.is_integer_dtype(values.dtype) and not pd.api.types.is_bool_dtype(values.dtype):
         if values.isna().any():  # nullable Int64
@@ -132,7 +136,9 @@ def _key_column(labels: pd.DataFrame, col: str) -> np.ndarray:
         if whole.all():
             return arr.astype(np.int64)
         i = int(np.argmax(~whole))
-        raise ValueError(f"{col} must hold whole numbers, got {float(arr[i])!r} (row {i})")
+        raise ValueError(
+            f"{col} must hold whole numbers, got {float(arr[i])!r} (row {first_row + i})"
+        )
     raise ValueError(f"{col} must hold integer ids, got {values.dtype}")
 
 
@@ -234,6 +240,35 @@ def asof_indices(
     return np.where(pos > first, order[np.maximum(pos - 1, 0)], -1)
 
 
+def read_items(items_path: Path, item_features: list[str]) -> pa.Table:
+    """The item table's keys, times and `item_features` (one row per item and time)."""
+    return pq.read_table(items_path, columns=["item_id", EVENT_TIMESTAMP, *item_features])
+
+
+def item_rows(table: pa.Table, items: np.ndarray, ts_us: np.ndarray) -> np.ndarray:
+    """For every label row (item id, time in µs), the row of `table` (see `read_items`) in
+    force at that time, or -1."""
+    return asof_indices(
+        [table.column("item_id").to_numpy()], arrow_timestamps_us(table.column(EVENT_TIMESTAMP)),
+        [items], ts_us,
+    )
+
+
+def item_feature_columns(
+    table: pa.Table, hit: np.ndarray, item_features: list[str], widen: bool
+) -> dict[str, np.ndarray]:
+    """Feature values of the item rows `hit` (from `item_rows`), NaN where hit < 0. `widen`:
+    every column as float64, which a training set needs as soon as one of its rows has no item
+    row (the in-memory join decides it over all rows; the partitioned one, over all batches)."""
+    picked = table.select(item_features).take(pa.array(np.maximum(hit, 0))).to_pandas()
+    out = {}
+    for c in item_features:
+        col = picked[c].astype("float64" if widen else picked[c].dtype)
+        col[hit < 0] = np.nan
+        out[c] = col.to_numpy()
+    return out
+
+
 def point_in_time_join(
     labels: pd.DataFrame,
     *,
@@ -259,16 +294,12 @@ def point_in_time_join(
     items = _key_column(out, "item_id")
     ts = timestamps_us(out[EVENT_TIMESTAMP])
     if items_path is not None and item_features:
-        table = pq.read_table(items_path, columns=["item_id", EVENT_TIMESTAMP, *item_features])
-        hit = asof_indices(
-            [table.column("item_id").to_numpy()], arrow_timestamps_us(table.column(EVENT_TIMESTAMP)),
-            [items], ts,
-        )
-        picked = table.select(item_features).take(pa.array(np.maximum(hit, 0))).to_pandas()
-        for c in item_features:
-            col = picked[c].astype("float64" if hit.min(initial=0) < 0 else picked[c].dtype)
-            col[hit < 0] = np.nan
-            out[c] = col.to_numpy()
+        table = read_items(items_path, item_features)
+        hit = item_rows(table, items, ts)
+        for c, values in item_feature_columns(
+            table, hit, item_features, widen=hit.min(initial=0) < 0
+        ).items():
+            out[c] = values
     if tae_glob is not None:
         embeddings = np.full(len(out), None, dtype=object)
         files = _offline_files(tae_glob)
