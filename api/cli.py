@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
 
 import typer
 
@@ -818,6 +818,13 @@ def training_set(
                           "(embeddings as JSON arrays, empty where none)"),
     ],
     repo: RepoOpt = None,
+    engine: Annotated[
+        Literal["foundex", "feast"],
+        typer.Option(help="who joins: foundex (in-memory, fast) or feast (Feast's "
+                          "get_historical_features on the offline store configured in "
+                          "feature_store.yaml: DuckDB by default, Ray when configured); "
+                          "the rows are the same"),
+    ] = "foundex",
 ) -> None:
     """Point-in-time-correct training set for an expert: label rows joined with the pinned
     version's TAEs (latest at or before each row, within TTL) and the item features.
@@ -854,7 +861,7 @@ def training_set(
         _fail(f"{entities}: not a readable parquet file ({type(e).__name__})")
     try:
         result = offline.build_training_set(ctx, plan, labels, on_note=lambda note: typer.echo(
-            f"note: {note}", err=True))
+            f"note: {note}", err=True), engine=engine)
     except Invalid as e:  # the label rows
         _fail(f"{entities}: {e}")
     except ServiceError as e:
@@ -1018,20 +1025,64 @@ def bench_store_cmd(
     batch_repeats: Annotated[
         int, typer.Option(min=1, help="training-set builds and logging runs per path (best)")
     ] = 3,
+    scale_rows: Annotated[
+        str | None,
+        typer.Option("--scale-rows",
+                     help="training-set scale bench instead, at these label-row counts "
+                          "(comma-separated, e.g. 1000000,10000000): in-memory, bounded and "
+                          "Feast's paths, seconds and peak RSS each"),
+    ] = None,
+    scale_dir: Annotated[
+        Path | None,
+        typer.Option("--scale-dir", help="scale bench: where its data goes (default: temp dir); "
+                                         "needs ~2.2 KB per label row at 128-d"),
+    ] = None,
+    scale_paths: Annotated[
+        str, typer.Option("--scale-paths", help="scale bench: paths to run, comma-separated")
+    ] = "in-memory,bounded,feast",
+    mem_cap_gib: Annotated[
+        float, typer.Option("--mem-cap-gib", min=0.1, help="scale bench: kill a path past this RSS")
+    ] = 20.0,
+    time_cap_s: Annotated[
+        float, typer.Option("--time-cap-s", min=1, help="scale bench: kill a path past this time")
+    ] = 900.0,
+    bucket_mib: Annotated[
+        int, typer.Option("--bucket-mib", min=1, help="scale bench: bounded path's working set "
+                                                      "per bucket")
+    ] = 1024,
 ) -> None:
     """Store paths vs Feast on the same data: online read (foundex vs get_online_features vs
     raw redis-py pipeline), training set (point-in-time join vs get_historical_features,
     identical rows asserted), logging (rows/s vs write_to_online_store); a table, then one
     JSON line. Each path is warmed up once; batch paths report their best of a few runs.
-    Runs in a scratch copy of the repo with its own project; cleans up after."""
+    Runs in a scratch copy of the repo with its own project; cleans up after.
+
+    With --scale-rows: training sets only, at each size (--dim wide; TAE rows = label rows
+    / 2), each path in its own process: seconds, peak RSS, rows identical across paths."""
     from store_bridge.bench import BenchSize, bench_store, format_table
 
     settings = _settings(repo)
+    scale = None
+    if scale_rows is not None:
+        from store_bridge.bench_training_scale import ScaleConfig
+
+        try:
+            scale = ScaleConfig(
+                rows=tuple(int(x.replace("_", "")) for x in scale_rows.split(",") if x.strip()),
+                dim=dim, workdir=scale_dir,
+                paths=tuple(p.strip() for p in scale_paths.split(",") if p.strip()),
+                mem_cap_bytes=int(mem_cap_gib * 2**30), time_cap_s=time_cap_s,
+                bucket_bytes=bucket_mib * 2**20,
+            )
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--scale-rows/--scale-paths") from None
     size = BenchSize(
         rows=rows, candidates=candidates, dim=dim, users=users, repeats=repeats,
         batch_repeats=batch_repeats,
     )
-    results = bench_store(_redis(settings), settings.repo, size, say=lambda s: typer.echo(s, err=True))
+    results = bench_store(
+        _redis(settings), settings.repo, size, say=lambda s: typer.echo(s, err=True), scale=scale
+    )
     typer.echo(format_table(results))
     typer.echo(json.dumps(results))
 

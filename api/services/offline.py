@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from api.services.context import ServiceContext
-from api.services.errors import Conflict, Invalid, NotFound
+from api.services.errors import Conflict, Invalid, NotFound, Unavailable
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -143,14 +143,24 @@ def plan_training_set(ctx: ServiceContext, expert: str) -> TrainingPlan:
     return TrainingPlan(cfg, entry)
 
 
+# Who joins: "foundex" (the in-memory NumPy join) or "feast" (Feast's get_historical_features on
+# the offline store feature_store.yaml configures: DuckDB by default, Ray when set).
+ENGINES = ("foundex", "feast")
+
+
 def build_training_set(
     ctx: ServiceContext, plan: TrainingPlan, labels: pd.DataFrame, *,
     on_note: Callable[[str], None] | None = None,
+    engine: str = "foundex",
 ) -> TrainingSet:
     """The expert's point-in-time-correct training set from label rows (user_id, item_id,
     event_timestamp, one numeric column per task): the pinned version's TAEs (latest at or
     before each row, within TTL) and the item features. `on_note` hears remarks on the rows
-    (naive times taken as UTC) before the join. Raises Invalid for bad label rows."""
+    (naive times taken as UTC) before the join. `engine` (see ENGINES): both give the same
+    rows. Raises Invalid for bad label rows or an unknown engine; with "feast", Conflict when
+    the repo's Feast registry lacks the views (run `feast apply`) or Feast's offline store
+    answers something that is not a point-in-time join, Unavailable when it cannot be
+    reached."""
     from store_bridge.events.schema import EVENT_TIMESTAMP
     from store_bridge.training_set import (
         check_label_columns,
@@ -158,13 +168,35 @@ def build_training_set(
         label_timestamps,
     )
 
+    if engine not in ENGINES:
+        raise Invalid(f"unknown training-set engine {engine!r} (choose from: {', '.join(ENGINES)})")
     cfg = plan.expert
     try:
         check_label_columns(labels, cfg.tasks)
         labels[EVENT_TIMESTAMP], note = label_timestamps(labels[EVENT_TIMESTAMP])
         if note and on_note is not None:
             on_note(note)
-        frame = expert_training_set(ctx.repo, labels, plan.entry, cfg.item_features)
+        if engine == "feast":
+            frame = _feast_training_set(ctx, plan, labels)
+        else:
+            frame = expert_training_set(ctx.repo, labels, plan.entry, cfg.item_features)
     except ValueError as e:
         raise Invalid(str(e)) from e
     return TrainingSet(frame, note)
+
+
+def _feast_training_set(ctx: ServiceContext, plan: TrainingPlan, labels: pd.DataFrame) -> pd.DataFrame:
+    """The "feast" engine: ctx's FeatureStore, its errors as domain errors."""
+    from feast.errors import FeastObjectNotFoundException
+
+    from store_bridge.feast_training_set import FeastJoinError, feast_training_set
+
+    try:
+        return feast_training_set(ctx.feature_store, ctx.repo, labels, plan.entry,
+                                  plan.expert.item_features)
+    except FeastObjectNotFoundException as e:
+        raise Conflict(f"{e}; run `feast apply` in {ctx.repo.path}") from e
+    except FeastJoinError as e:
+        raise Conflict(str(e)) from e
+    except ConnectionError as e:  # e.g. a configured ray_address that does not answer
+        raise Unavailable(f"Feast's offline store: {e}") from e
