@@ -814,10 +814,18 @@ def training_set(
     ],
     out: Annotated[
         Path,
-        typer.Option(help="output file; its extension picks the format: .parquet, or .csv "
-                          "(embeddings as JSON arrays, empty where none)"),
+        typer.Option(help="output: a .parquet or .csv file (rows in input order; CSV holds "
+                          "embeddings as JSON arrays, empty where none), or a folder (no "
+                          "extension) of parquet parts with a label_row column"),
     ],
     repo: RepoOpt = None,
+    join: Annotated[
+        Literal["auto", "in-memory", "bounded"],
+        typer.Option(help="foundex's join: auto (in memory while it fits "
+                          "FOUNDEX_TRAINING_SET_MEMORY_GIB, default a quarter of RAM; else "
+                          "bounded), in-memory, or bounded (one hash partition of the keys at "
+                          "a time); a folder output always uses bounded"),
+    ] = "auto",
     engine: Annotated[
         Literal["foundex", "feast"],
         typer.Option(help="who joins: foundex (in-memory, fast) or feast (Feast's "
@@ -831,63 +839,48 @@ def training_set(
 
     Times are UTC: a timestamp without a time zone (or ISO 8601 text without an offset) is
     taken as UTC; epoch numbers are refused (their unit is ambiguous); 1970-01-01 to 2262-04-10.
-    An expert pinned to a retired or deleted version is refused."""
+    An expert pinned to a retired or deleted version is refused. Which join ran, and why, is
+    printed on stderr; long builds print their progress there."""
     settings = _settings(repo)
     if not entities.is_file():
         _fail(f"entities file not found: {entities}" if not entities.exists()
               else f"--entities {entities} is not a file")
-    fmt = out.suffix.lower()
-    if fmt not in (".parquet", ".csv"):
-        _fail(f"--out {out} must end in .parquet or .csv (the extension picks the format)")
-    if out.is_dir():
-        _fail(f"--out {out} is a folder")
-    if not out.parent.is_dir():
-        _fail(f"--out folder does not exist: {out.parent}")
-
-    import pandas as pd
-    import pyarrow as pa
+    import time
 
     from api.services import offline
     from api.services.errors import Invalid, ServiceError
+    from api.services.training_set_files import output_kind, write_training_set
 
+    try:
+        output_kind(out)  # before any work
+    except Invalid as e:
+        _fail(str(e))
     ctx = _context(settings)
     try:
         plan = offline.plan_training_set(ctx, expert)  # the expert and its (active) pin first
     except ServiceError as e:
         _service_error(e)
+    last = [0.0]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 5:
+            last[0] = now
+            typer.echo(f"{stage}: {done:,}/{total:,}", err=True)
+
     try:
-        labels = pd.read_parquet(entities)
-    except (OSError, ValueError, pa.ArrowException) as e:
-        _fail(f"{entities}: not a readable parquet file ({type(e).__name__})")
-    try:
-        result = offline.build_training_set(ctx, plan, labels, on_note=lambda note: typer.echo(
-            f"note: {note}", err=True), engine=engine)
-    except Invalid as e:  # the label rows
-        _fail(f"{entities}: {e}")
+        result = write_training_set(
+            ctx, plan, entities, out, join=join, engine=engine, progress=progress,
+            on_note=lambda note: typer.echo(f"note: {note}", err=True),
+        )
+    except Invalid as e:  # the label rows or the file
+        _fail(str(e) if str(e).startswith(str(entities)) else f"{entities}: {e}")
     except ServiceError as e:
         _service_error(e)
-    _write_table(result.frame, out, fmt)
-    typer.echo(f"wrote {len(result.frame):,} rows to {out} "
+    typer.echo(f"join: {result.reason}", err=True)
+    where = f"{out} ({result.files} parquet parts)" if result.kind == "parts" else str(out)
+    typer.echo(f"wrote {result.rows:,} rows to {where} "
                f"({result.without_embedding:,} without an embedding)")
-
-
-def _write_table(frame: pd.DataFrame, out: Path, fmt: str) -> None:
-    """Write atomically (a temporary file, then a rename): a failed run leaves no half file
-    and an earlier output intact."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        if fmt == ".csv":
-            csv = frame.copy()
-            if "embedding" in csv:
-                csv["embedding"] = [
-                    "" if e is None else json.dumps(e.tolist()) for e in csv["embedding"]
-                ]
-            csv.to_csv(tmp, index=False)
-        else:
-            frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @fm_app.command("gc")

@@ -58,3 +58,17 @@ class Settings(BaseSettings):
     impression_buffer_rows: int = Field(default=200_000, gt=0)
     # Feedback joins its impression when it arrives within this many seconds of the request.
     join_window_s: int = Field(default=1800, gt=0)
+
+    # Training sets (`foundex training-set`): the in-memory join runs while its estimated peak
+    # fits this budget (GiB; unset: a quarter of physical memory), else the bounded join, whose
+    # partitions each hold about training_set_bucket_mib MiB of work.
+    training_set_memory_gib: float | None = Field(default=None, gt=0)
+    training_set_bucket_mib: int = Field(default=1024, gt=0)
+
+    def training_set_budget_bytes(self) -> int:
+        """The in-memory join's budget in bytes (see training_set_memory_gib)."""
+        if self.training_set_memory_gib is not None:
+            return int(self.training_set_memory_gib * 2**30)
+        from store_bridge.training_set_partitioned import default_memory_budget
+
+        return default_memory_budget()

@@ -43,9 +43,9 @@ def _no_redis_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FOUNDEX_REPO")}
 
 
-def cli(*args: str):
+def cli(*args: str, env: dict[str, str] | None = None):
     """The real `foundex` app, in-process, without REDIS_URL (the embedded Redis, if any)."""
-    env = {"REDIS_URL": None, "FOUNDEX_REPO": None}
+    env = {"REDIS_URL": None, "FOUNDEX_REPO": None, **(env or {})}
     return CliRunner().invoke(app, list(args), env=env, catch_exceptions=True)
 
 
@@ -375,20 +375,29 @@ def _training_set(repo: Path, entities: Path, out: Path, expert: str = "e1"):
 
 
 def test_training_set_refuses_bad_files_in_one_line(ts_repo, tmp_path):
-    good = tmp_path / "labels.parquet"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = inputs / "labels.parquet"
     _labels(pd.to_datetime(["2026-01-05T01:00Z"] * 3)).to_parquet(good)
-    not_parquet = tmp_path / "labels2.parquet"
+    not_parquet = inputs / "labels2.parquet"
     not_parquet.write_text("user_id,item_id\n1,2\n")
-    missing = tmp_path / "missing.parquet"
+    missing = inputs / "missing.parquet"
+    a_file = tmp_path / "ts"
+    a_file.write_text("not a folder")
+    (tmp_path / "x.parquet").mkdir()
     cases = [
         (missing, tmp_path / "ts.parquet", "e1", f"error: entities file not found: {missing}"),
         (good, tmp_path / "nowhere" / "ts.parquet", "e1",
          f"error: --out folder does not exist: {tmp_path / 'nowhere'}"),
         (good, tmp_path / "ts.txt", "e1",
-         f"error: --out {tmp_path / 'ts.txt'} must end in .parquet or .csv (the extension "
-         "picks the format)"),
-        (good, tmp_path, "e1", f"error: --out {tmp_path} must end in .parquet or .csv (the "
-         "extension picks the format)"),
+         f"error: --out {tmp_path / 'ts.txt'}: the extension picks the format: .parquet or "
+         ".csv for one file, none for a folder of parquet parts"),
+        (good, inputs, "e1", f"error: --out {inputs} holds files that are not training-set "
+         "parts (labels.parquet, labels2.parquet); choose a new or empty folder"),
+        (good, a_file, "e1",
+         f"error: --out {a_file} is a file; without an extension the output is a folder"),
+        (good, tmp_path / "x.parquet", "e1",
+         f"error: --out {tmp_path / 'x.parquet'} is a folder; a .parquet output is one file"),
         (not_parquet, tmp_path / "ts.parquet", "e1",
          f"error: {not_parquet}: not a readable parquet file (ArrowInvalid)"),
         (good, tmp_path / "ts.parquet", "nobody", "error: unknown expert 'nobody' (known: e1, e2)"),
@@ -488,5 +497,49 @@ def test_training_set_reads_times_as_stated_and_writes_by_extension(ts_repo, tmp
         assert list(pd.to_datetime(csv["event_timestamp"])) == list(want_times)
     helps = " ".join(cli("training-set", "--help").output.replace("│", " ").split())
     for words in ("user_id, item_id (integers), event_timestamp", "without a time zone it is UTC",
-                  "one numeric column per expert task", ".parquet, or .csv"):
+                  "one numeric column per expert task", "a .parquet or .csv file",
+                  "a folder (no extension) of parquet parts"):
         assert words in helps, words
+
+
+def test_training_set_joins_agree_and_auto_says_which_ran(ts_repo, tmp_path):
+    """--join in-memory, --join bounded and a folder output give the same rows; a parquet or
+    CSV file from the bounded join is in the input order, as in memory; auto with a tiny
+    budget takes the bounded join and says so."""
+    times = pd.to_datetime(["2026-01-05T01:00Z", "2026-01-05T01:00Z", "2026-01-05T00:30Z"])
+    entities = tmp_path / "labels.parquet"
+    _labels(times).to_parquet(entities)
+    got = {}
+    for join in ("in-memory", "bounded"):
+        for ext in (".parquet", ".csv"):
+            out = tmp_path / f"{join}{ext}"
+            r = cli("training-set", "--expert", "e1", "--entities", str(entities), "--out",
+                    str(out), "--repo", str(ts_repo), "--join", join)
+            assert r.exit_code == 0, r.output
+            assert "join: asked for" in r.stderr, r.stderr
+            got[join, ext] = out
+    mem = pd.read_parquet(got["in-memory", ".parquet"])
+    bounded = pd.read_parquet(got["bounded", ".parquet"])
+    pd.testing.assert_frame_equal(bounded.drop(columns="embedding"),
+                                  mem.drop(columns="embedding"))
+    assert [None if e is None else list(e) for e in bounded["embedding"]] == \
+        [None if e is None else list(e) for e in mem["embedding"]]
+    assert got["bounded", ".csv"].read_text() == got["in-memory", ".csv"].read_text()
+
+    folder = tmp_path / "parts"
+    r = cli("training-set", "--expert", "e1", "--entities", str(entities), "--out", str(folder),
+            "--repo", str(ts_repo))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().startswith(f"wrote 3 rows to {folder} (")
+    parts = pd.read_parquet(folder).sort_values("label_row").reset_index(drop=True)
+    assert list(parts["label_row"]) == [0, 1, 2]
+    assert [None if e is None else list(e) for e in parts["embedding"]] == \
+        [None if e is None else list(e) for e in mem["embedding"]]
+
+    out = tmp_path / "auto.parquet"
+    r = cli("training-set", "--expert", "e1", "--entities", str(entities), "--out", str(out),
+            "--repo", str(ts_repo), env={"FOUNDEX_TRAINING_SET_MEMORY_GIB": "0.000001"})
+    assert r.exit_code == 0, r.output
+    assert "join: bounded path: an in-memory join of 3 label rows" in r.stderr, r.stderr
+    assert "over the budget" in r.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out), bounded)
