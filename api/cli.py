@@ -828,9 +828,9 @@ def training_set(
     ] = "auto",
     engine: Annotated[
         Literal["foundex", "feast"],
-        typer.Option(help="who joins: foundex (in-memory, fast) or feast (Feast's "
+        typer.Option(help="who joins: foundex (foundex's own join, fast) or feast (Feast's "
                           "get_historical_features on the offline store configured in "
-                          "feature_store.yaml: DuckDB by default, Ray when configured); "
+                          "feature_store.yaml: DuckDB by default, Spark when configured); "
                           "the rows are the same"),
     ] = "foundex",
 ) -> None:

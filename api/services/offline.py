@@ -3,8 +3,10 @@ demo's logging stage), and build an expert's point-in-time training set."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.services.context import ServiceContext
@@ -15,6 +17,7 @@ if TYPE_CHECKING:
 
     from experts import ExpertConfig
     from fm import UserHistories
+    from store_bridge.feast_training_set import FeastParts
     from store_bridge.logging_tier import LogReport
     from store_bridge.repo import FMVersion
 
@@ -144,7 +147,7 @@ def plan_training_set(ctx: ServiceContext, expert: str) -> TrainingPlan:
 
 
 # Who joins: "foundex" (the in-memory NumPy join) or "feast" (Feast's get_historical_features on
-# the offline store feature_store.yaml configures: DuckDB by default, Ray when set).
+# the offline store feature_store.yaml configures: DuckDB by default, Spark when set).
 ENGINES = ("foundex", "feast")
 
 
@@ -187,16 +190,74 @@ def build_training_set(
 
 def _feast_training_set(ctx: ServiceContext, plan: TrainingPlan, labels: pd.DataFrame) -> pd.DataFrame:
     """The "feast" engine: ctx's FeatureStore, its errors as domain errors."""
-    from feast.errors import FeastObjectNotFoundException
+    from store_bridge.feast_training_set import feast_training_set
 
-    from store_bridge.feast_training_set import FeastJoinError, feast_training_set
-
-    try:
+    with _feast_errors(ctx):
         return feast_training_set(ctx.feature_store, ctx.repo, labels, plan.entry,
                                   plan.expert.item_features)
+
+
+def feast_offline_store(ctx: ServiceContext) -> str:
+    """The offline store the "feast" engine runs on, as feature_store.yaml names it: 'duckdb'
+    (the default), 'spark', ..."""
+    from store_bridge.feast_training_set import offline_store_kind
+
+    return offline_store_kind(ctx.feature_store)
+
+
+def write_feast_training_set_parts(
+    ctx: ServiceContext, plan: TrainingPlan, entities: Path, out_dir: Path, *,
+    on_note: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+) -> FeastParts:
+    """The "feast" engine with parquet in and out, on Feast's Spark offline store: Spark reads
+    the label rows from `entities`, joins, and writes `out_dir` as parquet parts
+    (`part-NNNNN.parquet`, rows in input order, `label_row` last); no row passes through this
+    process. `on_note` hears the naive-times note. `overwrite`: replace an existing `out_dir`.
+
+    Raises Invalid (an unreadable label file, bad label rows or columns, an offline store other
+    than Spark, `out_dir` exists without `overwrite`), and Conflict / Unavailable as
+    `build_training_set`'s "feast" engine."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from store_bridge.feast_training_set import feast_training_set_parts
+    from store_bridge.training_set import check_label_columns
+
+    try:
+        schema = pq.read_schema(entities)
+    except (OSError, pa.ArrowException) as e:
+        raise Invalid(f"{entities}: not a readable parquet file ({type(e).__name__})") from e
+    try:
+        check_label_columns(schema.empty_table().to_pandas(), plan.expert.tasks)
+        with _feast_errors(ctx):
+            result = feast_training_set_parts(
+                ctx.feature_store, ctx.repo, entities, out_dir, plan.entry,
+                plan.expert.item_features, overwrite=overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise Invalid(str(e)) from e
+    if result.time_note and on_note is not None:
+        on_note(result.time_note)
+    return result
+
+
+@contextmanager
+def _feast_errors(ctx: ServiceContext) -> Iterator[None]:
+    """Errors of the "feast" engine as domain errors (ValueError passes: bad label rows)."""
+    from feast.errors import FeastObjectNotFoundException
+    from py4j.protocol import Py4JError
+    from pyspark.errors import PySparkException
+
+    from store_bridge.feast_training_set import FeastJoinError
+
+    try:
+        yield
     except FeastObjectNotFoundException as e:
         raise Conflict(f"{e}; run `feast apply` in {ctx.repo.path}") from e
     except FeastJoinError as e:
         raise Conflict(str(e)) from e
-    except ConnectionError as e:  # e.g. a configured ray_address that does not answer
+    except ConnectionError as e:  # Spark did not start (no Java), a cluster that does not answer
         raise Unavailable(f"Feast's offline store: {e}") from e
+    except (PySparkException, Py4JError) as e:  # e.g. an offline file Spark cannot read
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise Conflict(f"Feast's spark offline store failed: {first}") from e

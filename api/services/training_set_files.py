@@ -14,6 +14,8 @@ The output, by `out`'s name:
   - no extension: a folder of parquet parts (`part-NNNNN.parquet`), always through the bounded
     writer (one part when everything fits one partition); rows are grouped by partition and
     carry `label_row`, their position in the input file.
+With engine "feast" on Feast's Spark offline store, Spark reads the label file and writes the
+parts (`write_feast_training_set_parts`); other offline stores join into a frame here.
 Both are atomic: a failed run leaves no output and an earlier one intact.
 """
 
@@ -33,7 +35,12 @@ import pyarrow.parquet as pq
 
 from api.services.context import ServiceContext
 from api.services.errors import Invalid
-from api.services.offline import TrainingPlan, build_training_set
+from api.services.offline import (
+    TrainingPlan,
+    build_training_set,
+    feast_offline_store,
+    write_feast_training_set_parts,
+)
 
 Join = Literal["auto", "in-memory", "bounded"]
 JOINS: tuple[str, ...] = ("auto", "in-memory", "bounded")
@@ -100,6 +107,8 @@ def write_training_set(
     except (OSError, pa.ArrowException) as e:
         raise Invalid(f"{entities}: not a readable parquet file ({type(e).__name__})") from e
     budget = ctx.settings.training_set_budget_bytes()
+    if engine == "feast" and feast_offline_store(ctx) == "spark":
+        return _spark(ctx, plan, entities, out, kind, budget, on_note)
     if engine != "foundex":
         chosen, reason = "feast", f"engine {engine}: Feast's configured offline store"
     elif kind == "parts":
@@ -170,6 +179,25 @@ def _bounded(ctx, plan, entities, out, kind, reason, budget, on_note, progress
         f"{reason}; {res.partitions} partition(s)", len(res.files) if kind == "parts" else 1,
         res.time_note,
     )
+
+
+def _spark(ctx, plan, entities, out, kind, budget, on_note) -> WrittenTrainingSet:
+    """Feast's Spark store reads the label file and writes parquet parts: no row passes
+    through this process until a single-file output is merged (as the bounded join's)."""
+    scratch = out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
+    try:
+        scratch.mkdir()
+        res = write_feast_training_set_parts(
+            ctx, plan, entities, out if kind == "parts" else scratch / "parts",
+            on_note=on_note, overwrite=kind == "parts")
+        if kind != "parts":
+            _merge_in_input_order(res.files, out, kind, scratch, budget)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return WrittenTrainingSet(
+        out, kind, res.rows, res.rows_without_embedding or 0, "feast",
+        "engine feast: Feast's Spark offline store read the label rows and wrote the rows",
+        len(res.files) if kind == "parts" else 1, res.time_note)
 
 
 def _merge_in_input_order(parts: list[Path], out: Path, kind: str, scratch: Path,
