@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,51 +153,52 @@ def _bounded(ctx, plan, entities, out, kind, reason, budget, on_note, progress
     from store_bridge.training_set_partitioned import build_training_set_partitioned
 
     cfg = plan.expert
-    bucket = ctx.settings.training_set_bucket_mib << 20
-    scratch = out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
-    parts_dir = out if kind == "parts" else scratch / "parts"
-    try:
-        scratch.mkdir()
+
+    def build(parts_dir: Path, scratch: Path):
         try:
-            res = build_training_set_partitioned(
+            return build_training_set_partitioned(
                 entities, parts_dir, tae_glob=_tae_glob(ctx, plan),
                 ttl_seconds=plan.entry.ttl_seconds if plan.entry else None,
                 items_path=ctx.repo.data / "items.parquet" if cfg.item_features else None,
-                item_features=cfg.item_features, bucket_bytes=bucket, scratch_dir=scratch,
+                item_features=cfg.item_features, scratch_dir=scratch,
+                bucket_bytes=ctx.settings.training_set_bucket_mib << 20,
                 overwrite=kind == "parts", progress=progress,
             )
         except ValueError as e:
             raise Invalid(str(e)) from e
-        if res.time_note and on_note is not None:
-            on_note(res.time_note)
-        if kind != "parts":
-            _merge_in_input_order(res.files, out, kind, scratch, budget)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return WrittenTrainingSet(
-        out, kind, res.rows, res.rows_without_embedding or 0, "bounded",
-        f"{reason}; {res.partitions} partition(s)", len(res.files) if kind == "parts" else 1,
-        res.time_note,
-    )
+
+    res = _via_parts(out, kind, budget, build)
+    if res.time_note and on_note is not None:
+        on_note(res.time_note)
+    return _written(out, kind, res, "bounded", f"{reason}; {res.partitions} partition(s)")
 
 
 def _spark(ctx, plan, entities, out, kind, budget, on_note) -> WrittenTrainingSet:
     """Feast's Spark store reads the label file and writes parquet parts: no row passes
     through this process until a single-file output is merged (as the bounded join's)."""
+    res = _via_parts(out, kind, budget, lambda parts_dir, _scratch: write_feast_training_set_parts(
+        ctx, plan, entities, parts_dir, on_note=on_note, overwrite=kind == "parts"))
+    return _written(out, kind, res, "feast", "engine feast: Feast's Spark offline store read "
+                    "the label rows and wrote the rows")
+
+
+def _via_parts(out: Path, kind: str, budget: int, build: Callable[[Path, Path], Any]) -> Any:
+    """`build(parts_dir, scratch)` writes parquet parts: into `out` for a folder output, else
+    into a scratch folder beside `out` whose parts are then merged into the file."""
     scratch = out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
     try:
         scratch.mkdir()
-        res = write_feast_training_set_parts(
-            ctx, plan, entities, out if kind == "parts" else scratch / "parts",
-            on_note=on_note, overwrite=kind == "parts")
+        res = build(out if kind == "parts" else scratch / "parts", scratch)
         if kind != "parts":
             _merge_in_input_order(res.files, out, kind, scratch, budget)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return WrittenTrainingSet(
-        out, kind, res.rows, res.rows_without_embedding or 0, "feast",
-        "engine feast: Feast's Spark offline store read the label rows and wrote the rows",
-        len(res.files) if kind == "parts" else 1, res.time_note)
+    return res
+
+
+def _written(out: Path, kind, res, join: str, reason: str) -> WrittenTrainingSet:
+    return WrittenTrainingSet(out, kind, res.rows, res.rows_without_embedding or 0, join, reason,
+                              len(res.files) if kind == "parts" else 1, res.time_note)
 
 
 def _merge_in_input_order(parts: list[Path], out: Path, kind: str, scratch: Path,
