@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
@@ -108,7 +108,14 @@ def _main() -> None:
 
 
 def _settings(repo: Path | None) -> Settings:
-    settings = Settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings()
+    except ValidationError as e:  # a FOUNDEX_* variable the settings cannot take
+        err = e.errors()[0]
+        name = "FOUNDEX_" + str(err["loc"][0]).upper() if err["loc"] else "a FOUNDEX_ variable"
+        _fail(f"{name}={err.get('input')!r}: {err['msg'].lower()}")
     if repo is not None:
         settings.repo = repo
     if not (settings.repo / "feature_store.yaml").exists():
@@ -820,14 +827,14 @@ def training_set(
     ],
     repo: RepoOpt = None,
     join: Annotated[
-        Literal["auto", "in-memory", "bounded"],
+        str,
         typer.Option(help="foundex's join: auto (in memory while it fits "
                           "FOUNDEX_TRAINING_SET_MEMORY_GIB, default a quarter of RAM; else "
                           "bounded), in-memory, or bounded (one hash partition of the keys at "
                           "a time); a folder output always uses bounded"),
     ] = "auto",
     engine: Annotated[
-        Literal["foundex", "feast"],
+        str,
         typer.Option(help="who joins: foundex (foundex's own join, fast) or feast (Feast's "
                           "get_historical_features on the offline store configured in "
                           "feature_store.yaml: DuckDB by default, Spark when configured); "
@@ -842,17 +849,24 @@ def training_set(
     An expert pinned to a retired or deleted version is refused. Which join ran, and why, is
     printed on stderr; long builds print their progress there."""
     settings = _settings(repo)
+    if join not in ("auto", "in-memory", "bounded"):
+        _fail(f"--join {join!r}: one of auto, in-memory, bounded")
+    if engine not in ("foundex", "feast"):
+        _fail(f"--engine {engine!r}: one of foundex, feast")
     if not entities.is_file():
         _fail(f"entities file not found: {entities}" if not entities.exists()
               else f"--entities {entities} is not a file")
-    import time
-
     from api.services import offline
     from api.services.errors import Invalid, ServiceError
-    from api.services.training_set_files import output_kind, write_training_set
+    from api.services.training_set_files import (
+        check_options,
+        output_kind,
+        write_training_set,
+    )
 
     try:
-        output_kind(out)  # before any work
+        output_kind(out, entities=entities, repo_data=settings.repo / "data")  # before any work
+        check_options(out, join=join, engine=engine)
     except Invalid as e:
         _fail(str(e))
     ctx = _context(settings)
@@ -860,11 +874,11 @@ def training_set(
         plan = offline.plan_training_set(ctx, expert)  # the expert and its (active) pin first
     except ServiceError as e:
         _service_error(e)
-    last = [0.0]
+    last = [time.monotonic()]
 
-    def progress(stage: str, done: int, total: int) -> None:
+    def progress(stage: str, done: int, total: int) -> None:  # every 5 s of a long build
         now = time.monotonic()
-        if done == total or now - last[0] >= 5:
+        if now - last[0] >= 5:
             last[0] = now
             typer.echo(f"{stage}: {done:,}/{total:,}", err=True)
 
@@ -879,8 +893,9 @@ def training_set(
         _service_error(e)
     typer.echo(f"join: {result.reason}", err=True)
     where = f"{out} ({result.files} parquet parts)" if result.kind == "parts" else str(out)
-    typer.echo(f"wrote {result.rows:,} rows to {where} "
-               f"({result.without_embedding:,} without an embedding)")
+    embedded = (f"{result.without_embedding:,} without an embedding" if plan.entry is not None
+                else "no FM version pinned: no embedding column")
+    typer.echo(f"wrote {result.rows:,} rows to {where} ({embedded})")
 
 
 @fm_app.command("gc")

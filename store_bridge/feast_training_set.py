@@ -233,10 +233,13 @@ def _answer(fs: Any, view: Any, features: list[str], query: pd.DataFrame) -> pa.
     """Feast's answer for `features` of the registered `view` at the distinct label rows in
     `query`: one row per QUERY id, in QUERY order; columns `<view>__<feature>`."""
     _check_features(view, features)
-    job = fs.get_historical_features(
-        entity_df=query, features=[f"{view.name}:{f}" for f in features], full_feature_names=True
-    )
-    answer = job.to_arrow()
+    with warnings.catch_warnings():  # ibis's own deprecated DuckDB call, printed on every run
+        warnings.filterwarnings("ignore", "fetch_arrow_table", DeprecationWarning)
+        job = fs.get_historical_features(
+            entity_df=query, features=[f"{view.name}:{f}" for f in features],
+            full_feature_names=True,
+        )
+        answer = job.to_arrow()
     ids = answer.column(QUERY).to_numpy() if QUERY in answer.column_names else np.empty(0, np.int64)
     if len(ids) != len(query) or not np.array_equal(np.sort(ids), query[QUERY].to_numpy()):
         raise FeastJoinError(
@@ -543,7 +546,7 @@ def feast_training_set_parts(
     if POSITION in names:
         raise ValueError(f"label rows hold a column named {POSITION!r}, which the output uses "
                          "for itself; rename it")
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     try:
         with spark_session(fs) as spark, _temp_views(spark) as made:
             raw = _read_parquet(spark, [labels_path])

@@ -126,10 +126,15 @@ class PathChoice:
     def describe(self) -> str:
         return (
             f"{self.path} path: an in-memory join of {self.label_rows:,} label rows x "
-            f"{self.tae_rows:,} offline rows would need ~{self.estimate_bytes / 2**30:.1f} GiB, "
+            f"{self.tae_rows:,} offline rows would need ~{_size(self.estimate_bytes)}, "
             f"{'within' if self.path == 'in-memory' else 'over'} the budget of "
-            f"{self.budget_bytes / 2**30:.1f} GiB"
+            f"{_size(self.budget_bytes)}"
         )
+
+
+def _size(n: int) -> str:
+    """Bytes as GiB to 0.1, or MiB below 0.1 GiB (a tiny budget must not read as 0.0 GiB)."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.1f} MiB"
 
 
 def physical_memory_bytes() -> int:
@@ -534,7 +539,7 @@ def build_training_set_partitioned(
             progress("partition", done, n_labels + n_taes)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     scratch = Path(
         tempfile.mkdtemp(prefix=f".{out_dir.name}.scratch-", dir=scratch_dir or out_dir.parent)
     )

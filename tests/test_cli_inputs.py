@@ -398,6 +398,11 @@ def test_training_set_refuses_bad_files_in_one_line(ts_repo, tmp_path):
          f"error: --out {a_file} is a file; without an extension the output is a folder"),
         (good, tmp_path / "x.parquet", "e1",
          f"error: --out {tmp_path / 'x.parquet'} is a folder; a .parquet output is one file"),
+        (good, good, "e1",
+         f"error: --out {good} is the --entities file; write the training set elsewhere"),
+        (good, ts_repo / "data" / "items.parquet", "e1",
+         f"error: --out {ts_repo / 'data' / 'items.parquet'} is inside the repo's data folder "
+         f"{ts_repo / 'data'} (the store's own files); write the training set elsewhere"),
         (not_parquet, tmp_path / "ts.parquet", "e1",
          f"error: {not_parquet}: not a readable parquet file (ArrowInvalid)"),
         (good, tmp_path / "ts.parquet", "nobody", "error: unknown expert 'nobody' (known: e1, e2)"),
@@ -516,7 +521,7 @@ def test_training_set_joins_agree_and_auto_says_which_ran(ts_repo, tmp_path):
             r = cli("training-set", "--expert", "e1", "--entities", str(entities), "--out",
                     str(out), "--repo", str(ts_repo), "--join", join)
             assert r.exit_code == 0, r.output
-            assert "join: asked for" in r.stderr, r.stderr
+            assert f"join: {join} (asked for)" in r.stderr, r.stderr
             got[join, ext] = out
     mem = pd.read_parquet(got["in-memory", ".parquet"])
     bounded = pd.read_parquet(got["bounded", ".parquet"])
@@ -543,3 +548,57 @@ def test_training_set_joins_agree_and_auto_says_which_ran(ts_repo, tmp_path):
     assert "join: bounded path: an in-memory join of 3 label rows" in r.stderr, r.stderr
     assert "over the budget" in r.stderr
     pd.testing.assert_frame_equal(pd.read_parquet(out), bounded)
+
+
+def test_training_set_refuses_bad_options_and_settings_in_one_line(ts_repo, tmp_path):
+    entities = tmp_path / "labels.parquet"
+    _labels(pd.to_datetime(["2026-01-05T01:00Z"] * 3)).to_parquet(entities)
+    base = ("training-set", "--expert", "e1", "--entities", str(entities), "--repo", str(ts_repo))
+    cases = [
+        ((*base, "--out", str(tmp_path / "a.parquet"), "--join", "sideways"), None,
+         "error: --join 'sideways': one of auto, in-memory, bounded"),
+        ((*base, "--out", str(tmp_path / "a.parquet"), "--engine", "spark"), None,
+         "error: --engine 'spark': one of foundex, feast"),
+        ((*base, "--out", str(tmp_path / "a.parquet"), "--engine", "feast", "--join", "bounded"),
+         None, "error: --join bounded chooses foundex's own join; with --engine feast the "
+         "offline store joins (drop --join)"),
+        ((*base, "--out", str(tmp_path / "parts"), "--join", "in-memory"), None,
+         "error: --join in-memory writes one file: give --out a .parquet or .csv name, or drop "
+         f"--join to write {tmp_path / 'parts'} as a folder of parts (bounded join)"),
+        ((*base, "--out", str(tmp_path / "a.parquet")), {"FOUNDEX_TRAINING_SET_MEMORY_GIB": "0"},
+         "error: FOUNDEX_TRAINING_SET_MEMORY_GIB='0': input should be greater than 0"),
+        ((*base, "--out", str(tmp_path / "a.parquet")), {"FOUNDEX_TRAINING_SET_BUCKET_MIB": "abc"},
+         "error: FOUNDEX_TRAINING_SET_BUCKET_MIB='abc': input should be a valid integer, unable "
+         "to parse string as an integer"),
+    ]
+    for args, env, message in cases:
+        assert one_line_error(cli(*args, env=env)) == message
+    assert not (tmp_path / "a.parquet").exists() and not (tmp_path / "parts").exists()
+
+
+def test_training_set_sweeps_what_a_killed_run_left(ts_repo, tmp_path):
+    """Scratch beside --out named after a process that no longer runs is removed by the next
+    run for that --out; a live process's (this one's) is left alone."""
+    import subprocess
+
+    entities = tmp_path / "labels.parquet"
+    _labels(pd.to_datetime(["2026-01-05T01:00Z"] * 3)).to_parquet(entities)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "ts.parquet"
+    stale = [tmp_path / f".ts.parquet.work-{dead.pid}-ab12cd34",
+             tmp_path / f".ts.parquet.partial-{dead.pid}-0123456789ab"]
+    for d in stale:
+        (d / "parts").mkdir(parents=True)
+        (d / "parts" / "part-00000.parquet").write_bytes(b"half")
+    (tmp_path / f".ts.parquet.tmp-{dead.pid}").write_bytes(b"half")
+    live = tmp_path / f".ts.parquet.work-{os.getpid()}-ffffffff"
+    live.mkdir()
+    other = tmp_path / f".other.parquet.tmp-{dead.pid}"
+    other.write_bytes(b"another output's")
+    r = cli("training-set", "--expert", "e1", "--entities", str(entities), "--out", str(out),
+            "--repo", str(ts_repo), "--join", "bounded")
+    assert r.exit_code == 0, r.output
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f".other.parquet.tmp-{dead.pid}", live.name, "labels.parquet", "repo",
+                           "ts.parquet"])

@@ -304,6 +304,12 @@ def test_parts_path_equals_in_memory_join(spark, spark_repo, redis_url, tmp_path
 
     from api.services.errors import Invalid
 
+    text = tmp_path / "text_times.parquet"
+    frame.assign(event_timestamp="2026-01-05T00:00:00Z").to_parquet(text)
+    with pytest.raises(Invalid, match=r"event_timestamp holds string values; label rows read by "
+                       r"Spark need a timestamp column: .* \(ISO 8601 text works with --engine "
+                       r"foundex\)"):  # checked on the file's schema, before Spark reads it
+        offline.write_feast_training_set_parts(ctx, plan, text, tmp_path / "ts_text")
     with pytest.raises(Invalid, match=r"training-set output .*ts exists; choose a new directory"):
         offline.write_feast_training_set_parts(ctx, plan, entities, out)
     again = offline.write_feast_training_set_parts(ctx, plan, entities, out, overwrite=True)

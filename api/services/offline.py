@@ -221,6 +221,7 @@ def write_feast_training_set_parts(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from store_bridge.events.schema import EVENT_TIMESTAMP
     from store_bridge.feast_training_set import feast_training_set_parts
     from store_bridge.training_set import check_label_columns
 
@@ -228,6 +229,13 @@ def write_feast_training_set_parts(
         schema = pq.read_schema(entities)
     except (OSError, pa.ArrowException) as e:
         raise Invalid(f"{entities}: not a readable parquet file ({type(e).__name__})") from e
+    ts = schema.field(EVENT_TIMESTAMP).type if EVENT_TIMESTAMP in schema.names else None
+    if ts is not None and not pa.types.is_timestamp(ts):  # before a JVM starts, not after
+        numeric = pa.types.is_integer(ts) or pa.types.is_floating(ts)
+        kind = "numbers" if numeric else f"{ts} values"
+        raise Invalid(f"{EVENT_TIMESTAMP} holds {kind}; label rows read by Spark need a "
+                      "timestamp column: convert it, e.g. pd.to_datetime(col, utc=True) "
+                      "(ISO 8601 text works with --engine foundex)")
     try:
         check_label_columns(schema.empty_table().to_pandas(), plan.expert.tasks)
         with _feast_errors(ctx):

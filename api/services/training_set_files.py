@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -59,13 +60,21 @@ class WrittenTrainingSet:
     note: str | None  # e.g. naive timestamps taken as UTC
 
 
-def output_kind(out: Path) -> Literal["parquet", "csv", "parts"]:
+def output_kind(out: Path, *, entities: Path | None = None, repo_data: Path | None = None
+                ) -> Literal["parquet", "csv", "parts"]:
     """What `out` asks for; raises Invalid when it cannot be written: an unknown extension, a
-    missing parent folder, a file where a folder is wanted or the reverse, or a folder that
-    holds anything but an earlier training set's parts (it would be replaced)."""
+    missing parent folder, a file where a folder is wanted or the reverse, a folder that holds
+    anything but an earlier training set's parts (it would be replaced), the `entities` file
+    itself, or a place inside the repo's data folder `repo_data` (the store's own files)."""
     suffix = out.suffix.lower()
     if not out.parent.is_dir():
         raise Invalid(f"--out folder does not exist: {out.parent}")
+    where = out.resolve()
+    if entities is not None and where == Path(entities).resolve():
+        raise Invalid(f"--out {out} is the --entities file; write the training set elsewhere")
+    if repo_data is not None and where.is_relative_to(Path(repo_data).resolve()):
+        raise Invalid(f"--out {out} is inside the repo's data folder {repo_data} (the store's "
+                      "own files); write the training set elsewhere")
     if suffix in (".parquet", ".csv"):
         if out.is_dir():
             raise Invalid(f"--out {out} is a folder; a {suffix} output is one file")
@@ -81,6 +90,17 @@ def output_kind(out: Path) -> Literal["parquet", "csv", "parts"]:
             raise Invalid(f"--out {out} holds files that are not training-set parts "
                           f"({', '.join(sorted(foreign)[:3])}); choose a new or empty folder")
     return "parts"
+
+
+def check_options(out: Path, *, join: str, engine: str) -> None:
+    """Refuse options that cannot both hold (Invalid): a join for another engine, or the
+    in-memory join into a folder (folders are written by the bounded join)."""
+    if engine != "foundex" and join != "auto":
+        raise Invalid(f"--join {join} chooses foundex's own join; with --engine {engine} the "
+                      "offline store joins (drop --join)")
+    if join == "in-memory" and not out.suffix:
+        raise Invalid(f"--join in-memory writes one file: give --out a .parquet or .csv name, "
+                      f"or drop --join to write {out} as a folder of parts (bounded join)")
 
 
 def write_training_set(
@@ -101,7 +121,9 @@ def write_training_set(
     `build_training_set`."""
     if join not in JOINS:
         raise Invalid(f"unknown join {join!r} (one of {', '.join(JOINS)})")
-    kind = output_kind(out)
+    kind = output_kind(out, entities=entities, repo_data=ctx.repo.data)
+    check_options(out, join=join, engine=engine)
+    _sweep_stale(out)
     try:
         pq.ParquetFile(entities)
     except (OSError, pa.ArrowException) as e:
@@ -114,7 +136,7 @@ def write_training_set(
     elif kind == "parts":
         chosen, reason = "bounded", "a folder output is written by the partitioned join"
     elif join != "auto":
-        chosen, reason = join, "asked for"
+        chosen, reason = join, f"{join} (asked for)"
     else:
         from store_bridge.training_set_partitioned import choose_path
 
@@ -125,6 +147,31 @@ def write_training_set(
     if chosen == "bounded":
         return _bounded(ctx, plan, entities, out, kind, reason, budget, on_note, progress)
     return _in_memory(ctx, plan, entities, out, kind, chosen, reason, engine, on_note)
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove what a killed earlier run for the same `out` left beside it: its scratch folder
+    (`.NAME.work-PID-*`, which also holds the bounded join's buckets and the merge's spill), its
+    unfinished folder of parts (`.NAME.partial-PID-*`) and its temporary file (`.NAME.tmp-PID`),
+    where process PID no longer runs."""
+    for p in out.parent.glob(f".{out.name}.*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:work|tmp|partial)-(\d+)(?:-\w+)?", p.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _tae_glob(ctx: ServiceContext, plan: TrainingPlan) -> Path | None:
@@ -185,7 +232,7 @@ def _spark(ctx, plan, entities, out, kind, budget, on_note) -> WrittenTrainingSe
 def _via_parts(out: Path, kind: str, budget: int, build: Callable[[Path, Path], Any]) -> Any:
     """`build(parts_dir, scratch)` writes parquet parts: into `out` for a folder output, else
     into a scratch folder beside `out` whose parts are then merged into the file."""
-    scratch = out.parent / f".{out.name}.work-{uuid.uuid4().hex[:8]}"
+    scratch = out.parent / f".{out.name}.work-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         scratch.mkdir()
         res = build(out if kind == "parts" else scratch / "parts", scratch)
