@@ -163,7 +163,8 @@ def _ping(url: str) -> bool:
         return False
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process `pid` runs on this machine (a zombie does not; another user's does)."""
     if not pid:
         return False
     try:
@@ -232,7 +233,7 @@ class EmbeddedRedis:
         if state:
             self.url = state["url"]
             owner = state.get("owner")
-            if owner and owner != os.getpid() and not _pid_alive(owner):
+            if owner and owner != os.getpid() and not pid_alive(owner):
                 self.orphaned_by = owner
             return self.url
         binary = self.binary or _default_binary()
@@ -320,7 +321,7 @@ def stop_embedded(data_dir: Path, *, timeout: float = 10.0) -> str | None:
         server.state_file.unlink(missing_ok=True)  # stale: names a server that is gone
         return None
     owner = state.get("owner")
-    if owner and owner != os.getpid() and _pid_alive(owner):
+    if owner and owner != os.getpid() and pid_alive(owner):
         raise EmbeddedRedisBusy(
             f"the embedded redis at {state['url']} belongs to foundex process {owner}; "
             "stop that process and it stops the server"
@@ -330,7 +331,7 @@ def stop_embedded(data_dir: Path, *, timeout: float = 10.0) -> str | None:
     except redis.RedisError:
         pass  # shutdown closes the connection under us
     deadline = time.monotonic() + timeout
-    while _ping(state["url"]) or _pid_alive(state.get("pid")):
+    while _ping(state["url"]) or pid_alive(state.get("pid")):
         if time.monotonic() > deadline:
             raise RedisUnavailable(f"embedded redis (pid {state.get('pid')}) did not exit")
         time.sleep(0.05)

@@ -42,6 +42,7 @@ from api.services.offline import (
     feast_offline_store,
     write_feast_training_set_parts,
 )
+from store_bridge.redis_server import pid_alive
 
 Join = Literal["auto", "in-memory", "bounded"]
 JOINS: tuple[str, ...] = ("auto", "in-memory", "bounded")
@@ -156,22 +157,12 @@ def _sweep_stale(out: Path) -> None:
     where process PID no longer runs."""
     for p in out.parent.glob(f".{out.name}.*"):
         m = re.fullmatch(rf"\.{re.escape(out.name)}\.(?:work|tmp|partial)-(\d+)(?:-\w+)?", p.name)
-        if m is None or _alive(int(m.group(1))):
+        if m is None or pid_alive(int(m.group(1))):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _tae_glob(ctx: ServiceContext, plan: TrainingPlan) -> Path | None:
