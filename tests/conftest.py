@@ -74,6 +74,18 @@ def demo_repo(tmp_path_factory, redis_url):
     return repo, report
 
 
+def wait_for(predicate, what: str, proc=None, timeout: float = 180) -> None:
+    """Poll `predicate` every 0.1 s until it holds; AssertionError naming `what` when `timeout`
+    seconds pass first, or when the subprocess `proc` (its stdout a pipe) exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {what}: {proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, copy_feature_repo, free_port
+from conftest import ROOT, copy_feature_repo, free_port, wait_for
 from typer.testing import CliRunner
 
 from api.cli import app
@@ -65,16 +64,6 @@ def _alive(pid: int) -> bool:
     return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _wait(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before {what}: {proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 # --- shutdown: what foundex started, it stops -------------------------------------------------
 
 
@@ -94,7 +83,7 @@ def test_sigterm_on_serve_stops_its_embedded_redis(tmp_path):
             except httpx.HTTPError:
                 return False
 
-        _wait(healthy, "the service to answer", proc)
+        wait_for(healthy, "the service to answer", proc, timeout=120)
         state = json.loads(state_file.read_text())
         assert state["owner"] == proc.pid and redis_client(state["url"]).ping()
         assert httpx.get(f"http://127.0.0.1:{port}/v1/fm-versions").json() == {"versions": []}
@@ -119,7 +108,7 @@ def test_foreground_redis_is_stopped_by_sigterm_and_guarded_from_stop(tmp_path):
         text=True,
     )
     try:
-        _wait(state_file.exists, "server.json", proc)
+        wait_for(state_file.exists, "server.json", proc, timeout=120)
         state = json.loads(state_file.read_text())
         # `--stop` leaves alone a server that a running foundex process owns.
         r = cli("redis", "--stop", "--repo", str(repo))
@@ -148,7 +137,7 @@ def test_a_server_left_by_a_killed_command_is_named_when_reused(tmp_path):
         cwd=ROOT, env=_no_redis_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait(state_file.exists, "server.json", proc)
+        wait_for(state_file.exists, "server.json", proc, timeout=120)
         state = json.loads(state_file.read_text())
         proc.kill()
         proc.wait(timeout=30)

@@ -104,6 +104,14 @@ def cli(repo: FeatureRepo, redis_url: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
+def until_step(reader: SyncReader, proc: subprocess.Popen, step: int, late: str) -> None:
+    """Poll (for up to 90 s) until the follower's published syncs reach `step`, or it exits."""
+    deadline = time.monotonic() + 90
+    while (reader.latest() is None or reader.latest().step < step) and proc.poll() is None:
+        assert time.monotonic() < deadline, late
+        time.sleep(0.05)
+
+
 def final(repo: FeatureRepo) -> tuple[dict, dict]:
     """(weights, extra) of the follower's newest checkpoint."""
     path = latest_checkpoint(follow_dir(repo, "v1"))
@@ -130,10 +138,7 @@ def test_sigkill_then_resume_trains_every_entry_once_as_an_uninterrupted_run(
     put(ctx, after.iloc[:split])
     reader = SyncReader(repo, ctx.client, "v1")
     proc = cli(repo, redis_url)
-    deadline = time.monotonic() + 90
-    while (reader.latest() is None or reader.latest().step < 6) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the follower did not train phase 1 in time"
-        time.sleep(0.05)
+    until_step(reader, proc, 6, "the follower did not train phase 1 in time")
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, err
@@ -241,10 +246,7 @@ def test_sigterm_finishes_the_batch_checkpoints_and_exits_0(world, redis_url, tm
     put(ctx, after.iloc[: 6 * ENTRY_EVENTS])  # three steps
     reader = SyncReader(repo, ctx.client, "v1")
     proc = cli(repo, redis_url)
-    deadline = time.monotonic() + 90
-    while (reader.latest() is None or reader.latest().step < 3) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the follower did not train in time"
-        time.sleep(0.05)
+    until_step(reader, proc, 3, "the follower did not train in time")
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -25,7 +25,7 @@ from store_bridge.streams.offline_log import (
     OfflineLogConsumer,
     read_live_log,
 )
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, wait_for
 from tests.test_stream_ingest import SPEC, canonical_events, context, foundex, live_repo
 
 
@@ -36,16 +36,6 @@ def consumer(repo: Path, redis_url: str, *args: str) -> subprocess.Popen:
         [sys.executable, "-m", "api.cli", "consume", "offline", "--repo", str(repo), *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-
-
-def wait_for(predicate, what: str, proc: subprocess.Popen | None = None, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode} before {what}: {proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def offline_lag(ctx) -> int:

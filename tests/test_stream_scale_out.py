@@ -14,9 +14,8 @@ import time
 import numpy as np
 
 from api.services.events import ingest
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.test_stream_ingest import canonical_events, context, live_repo
-from tests.test_stream_offline import wait_for
 
 
 def histories_lag(ctx) -> int:
