@@ -25,6 +25,10 @@ class FMConfig:
     n_layers: int = 2
     n_heads: int = 2
     max_history: int = 64
+    # Width of the item-id table, lifted to d_model by one linear map; 0 = d_model (no map).
+    # The id table holds most parameters at small d; a fixed narrow one keeps a wider FM from
+    # spending its growth on memorising items (experts/paper/scaling.py measures it).
+    item_dim: int = 0
     dropout: float = 0.0
     # training
     lr: float = 3e-3  # peak learning rate (after warm-up)
@@ -75,6 +79,8 @@ class FMConfig:
         if self.epochs < 1 or self.warmup_steps < 0 or not 0 <= self.min_lr_frac <= 1:
             raise ValueError(f"need epochs >= 1, warmup_steps >= 0, 0 <= min_lr_frac <= 1; got "
                              f"{self.epochs}, {self.warmup_steps}, {self.min_lr_frac}")
+        if self.item_dim < 0:
+            raise ValueError(f"item_dim must be >= 0, got {self.item_dim}")
         if self.content_dim < 0:
             raise ValueError(f"content_dim must be >= 0, got {self.content_dim}")
         if self.d_model % self.n_heads:
@@ -97,6 +103,11 @@ class FMConfig:
     @classmethod
     def large(cls, **kw: Any) -> FMConfig:
         return cls(**{"d_model": 64, "n_layers": 3, "n_heads": 4, **kw})
+
+    @property
+    def item_width(self) -> int:
+        """The item-id table's width: item_dim, or d_model where it is 0."""
+        return self.item_dim or self.d_model
 
     @property
     def fm_tasks(self) -> list[str]:

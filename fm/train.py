@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -90,6 +91,37 @@ class _Scored(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
         return self.model.task_outputs(batch, self.model(batch))
+
+
+def start_heads_at_base_rates(model: FoundationModel, requests: Requests) -> None:
+    """Set each task head's output bias to the log-odds of that task's positive rate over the
+    training requests (main tasks over all their labelled rows, an aux task over its surface's),
+    so that training starts from the base rate rather than p = 0.5: a rare task (KuaiRand's
+    forward, ~0.1% positives) otherwise spends its first pass unlearning a large bias, and a
+    small FM could end it worse than the base rate (NE > 1). The usual bias initialisation for
+    imbalanced binary targets (Karpathy, "A Recipe for Training Neural Networks", 2019).
+    Rates are clipped to [1e-4, 1 - 1e-4]; a task with no labelled row keeps bias 0.
+    The same on every rank (every rank holds all requests)."""
+    cfg = model.config
+    col = {t: i for i, t in enumerate(cfg.fm_tasks)}
+
+    def log_odds(y: Any) -> float | None:
+        y = y[~np.isnan(y)]
+        if not len(y):
+            return None
+        p = min(max(float(y.mean()), 1e-4), 1 - 1e-4)
+        return math.log(p / (1 - p))
+
+    with torch.no_grad():
+        if model.main_head is not None:
+            for i, t in enumerate(cfg.main_tasks):
+                if (b := log_odds(requests.labels[:, col[t]])) is not None:
+                    model.main_head.bias[i] = b
+        for s, head in model.aux_heads.items():
+            on_s = requests.surface == cfg.surfaces.index(s)
+            for j, t in enumerate(cfg.aux_tasks[s]):
+                if (b := log_odds(requests.labels[on_s, col[t]])) is not None:
+                    head.mlp[-1].bias[j] = b
 
 
 def build_optimizer(model: FoundationModel, config: FMConfig) -> torch.optim.AdamW:
@@ -200,7 +232,9 @@ def train_streaming(
     torch.manual_seed(config.seed)  # the same on every rank: identical initial weights
     histories = UserHistories.from_events(events, config.surfaces)
     requests = Requests.from_events(events, config)
-    model = model_factory(config, item_content).to(ctx.device)
+    model = model_factory(config, item_content)
+    start_heads_at_base_rates(model, requests)  # a resumed run loads its own biases below
+    model = model.to(ctx.device)
     opt = build_optimizer(model, config)
     acc = {t: NEAccumulator() for t in config.fm_tasks}  # this rank's samples only
     pass_ne: list[dict[str, float]] = []  # finished passes

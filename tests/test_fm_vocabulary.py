@@ -169,3 +169,25 @@ def test_checkpoints_written_before_the_oov_row_load_and_handle_unknown_ids(mode
     # and `foundex fm export` of an old training checkpoint still verifies
     report = export_serving(tmp_path / "old_False.pt", tmp_path / "served.pt")
     assert report.dropped == ["aux_heads", "main_head"]
+
+
+def test_an_item_the_fm_never_trained_on_reads_as_the_oov_row():
+    # Item rows start at zero, the OOV row's value, and get no gradient unless their item is
+    # in a training batch: after training, an item first seen later is "unknown", not noise.
+    events = toy_events(n_users=10, n_items=N_ITEMS, n_requests=60, n_candidates=3, seed=5)
+    events = events[events["item_id"] < 30]  # items 30..39 never appear in training
+    cfg = FMConfig(**toy_config_kwargs(N_ITEMS), max_history=8, batch_requests=16,
+                   weight_decay=0.1)
+    model = train_streaming(events, cfg, progress=False).model
+    table = model.embed.item.weight.detach()
+    seen = np.unique(events["item_id"].to_numpy())
+    unseen = np.setdiff1d(np.arange(N_ITEMS), seen)
+    assert len(unseen) >= 10 and (table[unseen] == 0).all() and (table[seen] != 0).any(dim=1).all()
+    # as history: an untrained item gives the TAE an OOV id gives; a trained one does not
+    got = taes(model, [3, 35, 9], [1])
+    np.testing.assert_array_equal(got, taes(model, [3, 10**9, 9], [1]))
+    assert 5 in seen and np.abs(got - taes(model, [3, 5, 9], [1])).max() > 1e-6
+    # as candidates: two untrained items are indistinguishable, two trained ones are not
+    two = taes(model, [3, 5, 9], [35, 36, 1, 2])
+    np.testing.assert_array_equal(two[0], two[1])
+    assert {1, 2} <= set(seen) and np.abs(two[2] - two[3]).max() > 1e-6

@@ -37,29 +37,40 @@ from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
 # The measured recipe (ml-latest-small, held-out NE on the expert window): linear warm-up then
 # cosine decay to 10% of the peak (like 0.849 -> 0.843 at d=32 vs a constant lr); the peak lr
 # shrinks with width: 3e-3 is best at d <= 32, at d=64 3e-3 overfits (0.903) and 1e-3 is right
-# (0.849), so lr = LR_BASE * (32 / d)^1.6, at most LR_BASE (`peak_lr`). Passes: 3 gave 0.838 vs
-# 0.843 for 3x the compute, so the sweep makes one unless its budget is large (`scaling_plan`).
+# (0.849), so lr = LR_BASE * (32 / d)^1.6, at most LR_BASE (`peak_lr`); 1e-3 at d=16 left the FM
+# undertrained (0.879 vs 0.851). Passes: 3 gave 0.838 vs 0.843 for 3x the compute, so the sweep
+# makes one unless its budget is large (`scaling_plan`). Item rows start at zero (fm.model), heads
+# at the base rates (fm.train); the sizes past d=16 keep the item table 16 wide (LADDER's notes).
 LR_BASE = 3e-3
+ITEM_DIM = 16  # the item-id table's width past d=16 (FMConfig.item_dim)
 
 
 @dataclass(frozen=True)
 class FMSize:
-    """One rung of the ladder: width, depth, heads and history length together."""
+    """One rung of the ladder: width, depth, heads and history length together, with the
+    regularisation that size needs on small data (item-table width, dropout)."""
 
     name: str
     d_model: int
     n_layers: int
     n_heads: int
     max_history: int
+    item_dim: int = 0  # 0: the table is d_model wide
+    dropout: float = 0.0
 
 
-# ~27k .. ~11M multiply-adds per candidate (~400x); a short sweep keeps the first n.
+# ~4k .. ~16M multiply-adds per candidate (~3,500x); a short sweep keeps the first n.
+# Measured on ml-latest-small (held-out like NE on the expert window, 1-3 seeds, zero-initialised
+# item rows): d=8 with history 4 0.862; d=16 with history 8 or 16 0.845; d=32 x 2 layers with
+# history 32 overfits as is (0.860), 0.844 with a 16-wide item table and dropout 0.2; d=48 x 2,
+# history 96, the same: 0.841; d=64 x 3, history 128: 0.848 as is, 0.836 with the 16-wide table,
+# 0.846 and 0.855 with dropout 0.1 and 0.2 on top.
 LADDER = (
-    FMSize("xs", 16, 1, 1, 16),
-    FMSize("s", 24, 1, 2, 32),
-    FMSize("m", 32, 2, 2, 48),
-    FMSize("l", 48, 2, 4, 96),
-    FMSize("xl", 64, 3, 4, 128),
+    FMSize("xs", 8, 1, 1, 4),
+    FMSize("s", 16, 1, 1, 8),
+    FMSize("m", 32, 2, 2, 32, item_dim=ITEM_DIM, dropout=0.2),
+    FMSize("l", 48, 2, 4, 96, item_dim=ITEM_DIM, dropout=0.2),
+    FMSize("xl", 64, 3, 4, 128, item_dim=ITEM_DIM),
 )
 
 
@@ -108,12 +119,17 @@ def scaling_plan(budget_s: float, n_seeds: int, data: str = "synthetic") -> Scal
 
 
 def fm_flops_per_candidate(config: FMConfig) -> int:
-    """Multiply-adds of the FM encoder to produce one TAE from a full history: per layer, on
-    each of the n = max_history + 1 tokens the fused U/V/Q/K projection (4 d^2) and the output
-    projection (d^2), plus causal attention (Q.K and A.V: 2 d per attending pair, n(n+1)/2
-    pairs). Embedding lookups and heads are left out (no multiply-adds or not on the TAE path)."""
+    """Multiply-adds of the FM encoder to produce one TAE from a full history, over its
+    n = max_history + 1 tokens: per token, f(item, context)'s MLP ((3d + content_dim) -> 2d -> d)
+    and the item table's lift to d (item_dim x d, when the table is narrower); per layer and
+    token, the fused U/V/Q/K projection (4 d^2) and the output projection (d^2), plus causal
+    attention (Q.K and A.V: 2 d per attending pair, n(n+1)/2 pairs). Embedding lookups and
+    heads are left out (no multiply-adds or not on the TAE path)."""
     d, n = config.d_model, config.max_history + 1
-    return int(config.n_layers * (n * 5 * d * d + n * (n + 1) // 2 * 2 * d))
+    lift = config.item_width * d if config.item_width != d else 0
+    per_token = (3 * d + config.content_dim) * 2 * d + 2 * d * d + lift
+    layers = config.n_layers * (n * 5 * d * d + n * (n + 1) // 2 * 2 * d)
+    return int(n * per_token + layers)
 
 
 def fit_power_law(compute: list[float] | np.ndarray, ne: list[float] | np.ndarray,
@@ -149,7 +165,8 @@ def fit_power_law(compute: list[float] | np.ndarray, ne: list[float] | np.ndarra
 
 def _fm_config(study: StudyData, plan: ScalingPlan, size: FMSize, seed: int) -> FMConfig:
     return FMConfig(**study.spec.fm_fields(), d_model=size.d_model, n_layers=size.n_layers,
-                    n_heads=size.n_heads, max_history=size.max_history, lr=peak_lr(size.d_model),
+                    n_heads=size.n_heads, max_history=size.max_history, item_dim=size.item_dim,
+                    dropout=size.dropout, lr=peak_lr(size.d_model),
                     batch_requests=plan.fm_batch_requests, epochs=plan.epochs, seed=seed,
                     **RECIPE)
 
