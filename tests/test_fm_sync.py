@@ -280,7 +280,7 @@ def test_only_the_changed_rows_of_a_big_table_ship(config):
     delta = tracker.maybe_sync(model.state_dict(), 1)
     assert table not in delta.tensors
     assert torch.equal(delta.rows[table].index, touched)
-    assert delta.rows[table].values.shape == (len(touched), cfg.d_model)
+    assert delta.rows[table].values.shape == (len(touched), cfg.item_width)
     assert delta.nbytes < 0.3 * state_nbytes(base.state)
     applied = apply_delta(base.state, delta)
     assert torch.equal(applied[table], model.embed.item.weight.detach())
@@ -291,7 +291,7 @@ def test_only_the_changed_rows_of_a_big_table_ship(config):
     only = plan_delta(base.state, edited, row_wise=[table])
     assert not only.tensors and list(only.rows) == [table]
     assert only.rows[table].index.tolist() == [3, 17]
-    assert only.nbytes == 2 * (cfg.d_model * 4 + INDEX_BYTES)
+    assert only.nbytes == 2 * (cfg.item_width * 4 + INDEX_BYTES)
     assert apply_delta(base.state, only)[table].equal(edited[table])
 
 

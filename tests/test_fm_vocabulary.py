@@ -85,7 +85,7 @@ def test_the_oov_row_is_zero_and_not_a_weight(model, config):
     )
     torch.testing.assert_close(embed(item, surface, hour), want, rtol=0, atol=0)
     # the state dict is the pre-OOV layout: n_items rows, no extra key
-    assert model.state_dict()["embed.item.weight"].shape == (N_ITEMS, config.d_model)
+    assert model.state_dict()["embed.item.weight"].shape == (N_ITEMS, config.item_width)
     assert not any("oov" in k for k in model.state_dict())
 
 

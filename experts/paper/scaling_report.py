@@ -39,14 +39,15 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## NE per size",
         "",
-        "| surface | task | size | d | layers | history | FLOPs | params | FM NE | expert NE "
-        "| no-FM expert NE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| surface | task | size | d | layers | history | item table | dropout | FLOPs | params "
+        "| FM NE | expert NE | no-FM expert NE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['surface']} | {r['task']} | {r['size']} | {r['d_model']} | {r['n_layers']} | "
-            f"{r['max_history']} | {r['flops']:,} | {r['params']:,} | {_fmt_ne(r['fm_ne'])} | "
+            f"{r['max_history']} | {r.get('item_dim') or r['d_model']} | {r.get('dropout', 0.0):g} | "
+            f"{r['flops']:,} | {r['params']:,} | {_fmt_ne(r['fm_ne'])} | "
             f"{_fmt_ne(r['expert_ne'])} | {_fmt_ne(r['nofm_ne'])} |")
     lines += ["", "## Fit NE(C) = a·C^(-b) + c over the sizes' mean NE", "",
               "| surface | task | model | fit |", "|---|---|---|---|"]
