@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from experts.paper.report import _fmt, _fmt_gain, _fmt_ne
 
 PLOT = "scaling.png"
@@ -90,6 +92,12 @@ def plot(result: dict[str, Any], out_dir: Path) -> str:
             line = ax.errorbar([r["flops"] for r in rows], [r[model]["mean"] for r in rows],
                                yerr=[r[model]["std"] for r in rows], marker="o", capsize=3,
                                label=label)
+            fit = next((f for f in result["fits"] if (f["surface"], f["task"], f["model"])
+                        == (surface, task, model.removesuffix("_ne")) and "error" not in f), None)
+            if fit is not None and rows:  # the fitted NE(C) = a C^-b + c, dotted
+                xs = np.geomspace(rows[0]["flops"], rows[-1]["flops"], 50)
+                ax.plot(xs, fit["a"] * xs ** -fit["b"] + fit["c"], ls=":", lw=1,
+                        color=line[0].get_color())
             nofm = rows[0]["nofm_ne"]["mean"] if rows else None
             if model == "expert_ne" and nofm is not None:  # the floor the TAE must beat
                 ax.axhline(nofm, ls="--", lw=0.8, color=line[0].get_color(),
@@ -99,7 +107,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> str:
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels would overlap
         ax.set_xlabel("FM multiply-adds per candidate (log scale)")
         ax.set_ylabel("NE (lower is better)")
-        ax.set_title(f"{title}: NE vs FM compute")
+        ax.set_title(f"{title}: NE vs FM compute (dotted: fit)")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"FM scaling on {result['data']} (seeds {result['seeds']})")
