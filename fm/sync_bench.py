@@ -78,7 +78,8 @@ def standard_cases(
     if demo_fm_fields is not None:
         cases.append(SyncBenchCase("demo small", FMConfig.small(**demo_fm_fields)))
         cases.append(SyncBenchCase("demo large", FMConfig.large(**demo_fm_fields)))
-    big = FMConfig.small(**toy_config_kwargs(big_items), d_model=big_d, max_history=64)
+    big = FMConfig.small(**toy_config_kwargs(big_items), d_model=big_d, max_history=64,
+                         item_dim=0)  # the table big_d wide, as the case's name says
     cases.append(SyncBenchCase(f"{big_items:,}-item table", big, optimizer="rowwise"))
     return cases
 

@@ -105,7 +105,7 @@ def start_heads_at_base_rates(model: FoundationModel, requests: Requests) -> Non
     cfg = model.config
     col = {t: i for i, t in enumerate(cfg.fm_tasks)}
 
-    def log_odds(y: Any) -> float | None:
+    def log_odds(y: np.ndarray) -> float | None:
         y = y[~np.isnan(y)]
         if not len(y):
             return None

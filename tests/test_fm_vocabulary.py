@@ -143,11 +143,18 @@ def test_training_on_ids_outside_the_vocabulary_maps_them_to_oov():
     assert np.isfinite(emb).all()
 
 
-def test_checkpoints_written_before_the_oov_row_load_and_handle_unknown_ids(model, tmp_path):
-    """A checkpoint exactly as the code before this change wrote it: its config has no
-    `time_zone`, its state dict the same keys and shapes."""
+def test_checkpoints_written_before_the_oov_row_load_and_handle_unknown_ids(config, tmp_path):
+    """A checkpoint exactly as the code before this change wrote it: its config has neither
+    `time_zone` nor `item_dim`, its item table is d_model wide, no lift."""
+    torch.manual_seed(0)
+    model = FoundationModel(FMConfig.from_dict({**config.to_dict(), "item_dim": 0}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.eval()
     old_config = model.config.to_dict()
     old_config.pop("time_zone")
+    old_config.pop("item_dim")
     for serving in (False, True):
         state = {
             k: v.detach().clone()
@@ -162,6 +169,7 @@ def test_checkpoints_written_before_the_oov_row_load_and_handle_unknown_ids(mode
         )
         loaded, extra = load_checkpoint(path)
         assert extra == {"step": 3} and loaded.config.time_zone == "UTC"
+        assert loaded.embed.item_up is None and loaded.config.item_width == config.d_model
         want = taes(model, [3, N_ITEMS, 9], [1, 2, N_ITEMS])
         got = taes(loaded, [3, N_ITEMS, 9], [1, 2, N_ITEMS])
         np.testing.assert_array_equal(got, want)

@@ -62,9 +62,9 @@ class FMSize:
 # ~4k .. ~16M multiply-adds per candidate (~3,500x); a short sweep keeps the first n.
 # Measured on ml-latest-small (held-out like NE on the expert window, 1-3 seeds, zero-initialised
 # item rows): d=8 with history 4 0.862; d=16 with history 8 or 16 0.845; d=32 x 2 layers with
-# history 32 overfits as is (0.860), 0.844 with a 16-wide item table and dropout 0.2; d=48 x 2,
-# history 96, the same: 0.841; d=64 x 3, history 128: 0.848 as is, 0.836 with the 16-wide table,
-# 0.846 and 0.855 with dropout 0.1 and 0.2 on top.
+# history 32 overfits as is (0.860), 0.851 with a 16-wide item table, 0.844 with the table and
+# dropout 0.2; d=48 x 2, history 96, with both: 0.841; d=64 x 3, history 128: 0.848 as is, 0.836
+# with the 16-wide table, 0.846 and 0.855 with dropout 0.1 and 0.2 on top.
 LADDER = (
     FMSize("xs", 8, 1, 1, 4),
     FMSize("s", 16, 1, 1, 8),
