@@ -58,7 +58,8 @@ class ItemContext(nn.Module):
             self.content.copy_(item_content)
         # A narrower id table is lifted to d by one matrix, so a wider model grows its sequence
         # layers, not the table (created last: item_dim = 0 keeps the old parameters and RNG).
-        self.item_up = nn.Linear(config.item_width, d, bias=False) if config.item_width != d else None
+        narrow = config.item_width != d
+        self.item_up = nn.Linear(config.item_width, d, bias=False) if narrow else None
 
     def known(self, item: Tensor) -> Tensor:
         """[...] bool: True for ids inside the vocabulary [0, n_items)."""
