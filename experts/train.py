@@ -6,7 +6,6 @@ that task's valid (non-NaN) labels only, seeded so the same frame gives the same
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from experts.config import ExpertConfig
 from experts.dataset import batch_inputs, label_matrix, to_tensors
 from experts.metrics import normalized_entropy
 from experts.model import ExpertModel
+from fm.metrics import base_rate_logit
 
 ARTIFACT_FORMAT = 1
 PREDICT_BATCH = 8192
@@ -99,10 +99,8 @@ def _init_bias_to_base_rate(model: ExpertModel, labels: torch.Tensor) -> None:
     positives otherwise spend their steps walking the bias from 0 to about -7, and their NE
     says more about that walk than about the features."""
     for j, head in enumerate(model.heads):
-        y = labels[:, j][~torch.isnan(labels[:, j])]
-        if len(y):
-            p = float(y.mean().clamp(1e-4, 1 - 1e-4))
-            head.bias.fill_(math.log(p / (1 - p)))
+        if (b := base_rate_logit(labels[:, j].cpu().numpy())) is not None:
+            head.bias.fill_(b)
 
 
 @torch.no_grad()

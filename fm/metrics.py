@@ -17,6 +17,17 @@ def _entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
+def base_rate_logit(labels: np.ndarray) -> float | None:
+    """log(p / (1 - p)) of the positive rate p of 0/1 `labels` (NaN = no label), p clipped to
+    [1e-4, 1 - 1e-4]; None without a labelled row. The starting bias of a task head, so that
+    training begins at the base rate (NE 1) rather than at p = 0.5."""
+    y = labels[~np.isnan(labels)]
+    if not len(y):
+        return None
+    p = min(max(float(y.mean()), 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
 def normalized_entropy(labels: np.ndarray, probs: np.ndarray) -> float:
     """NE of probs against 0/1 labels; NaN labels are ignored. nan if undefined."""
     acc = NEAccumulator()

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -43,7 +42,7 @@ from fm.distributed import (
     wrap_ddp,
 )
 from fm.history import UserHistories
-from fm.metrics import NEAccumulator
+from fm.metrics import NEAccumulator, base_rate_logit
 from fm.model import FoundationModel
 
 _CKPT = re.compile(r"step_(\d+)\.pt$")
@@ -100,27 +99,19 @@ def start_heads_at_base_rates(model: FoundationModel, requests: Requests) -> Non
     forward, ~0.1% positives) otherwise spends its first pass unlearning a large bias, and a
     small FM could end it worse than the base rate (NE > 1). The usual bias initialisation for
     imbalanced binary targets (Karpathy, "A Recipe for Training Neural Networks", 2019).
-    Rates are clipped to [1e-4, 1 - 1e-4]; a task with no labelled row keeps bias 0.
+    Rates are clipped as `fm.metrics.base_rate_logit` does; a task with no labelled row keeps 0.
     The same on every rank (every rank holds all requests)."""
     cfg = model.config
     col = {t: i for i, t in enumerate(cfg.fm_tasks)}
-
-    def log_odds(y: np.ndarray) -> float | None:
-        y = y[~np.isnan(y)]
-        if not len(y):
-            return None
-        p = min(max(float(y.mean()), 1e-4), 1 - 1e-4)
-        return math.log(p / (1 - p))
-
     with torch.no_grad():
         if model.main_head is not None:
             for i, t in enumerate(cfg.main_tasks):
-                if (b := log_odds(requests.labels[:, col[t]])) is not None:
+                if (b := base_rate_logit(requests.labels[:, col[t]])) is not None:
                     model.main_head.bias[i] = b
         for s, head in model.aux_heads.items():
             on_s = requests.surface == cfg.surfaces.index(s)
             for j, t in enumerate(cfg.aux_tasks[s]):
-                if (b := log_odds(requests.labels[on_s, col[t]])) is not None:
+                if (b := base_rate_logit(requests.labels[on_s, col[t]])) is not None:
                     head.mlp[-1].bias[j] = b
 
 
