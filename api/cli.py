@@ -848,21 +848,23 @@ def training_set(
     taken as UTC; epoch numbers are refused (their unit is ambiguous); 1970-01-01 to 2262-04-10.
     An expert pinned to a retired or deleted version is refused. Which join ran, and why, is
     printed on stderr; long builds print their progress there."""
-    settings = _settings(repo)
-    if join not in ("auto", "in-memory", "bounded"):
-        _fail(f"--join {join!r}: one of auto, in-memory, bounded")
-    if engine not in ("foundex", "feast"):
-        _fail(f"--engine {engine!r}: one of foundex, feast")
-    if not entities.is_file():
-        _fail(f"entities file not found: {entities}" if not entities.exists()
-              else f"--entities {entities} is not a file")
     from api.services import offline
     from api.services.errors import Invalid, ServiceError
     from api.services.training_set_files import (
+        JOINS,
         check_options,
         output_kind,
         write_training_set,
     )
+
+    settings = _settings(repo)
+    if join not in JOINS:
+        _fail(f"--join {join!r}: one of {', '.join(JOINS)}")
+    if engine not in offline.ENGINES:
+        _fail(f"--engine {engine!r}: one of {', '.join(offline.ENGINES)}")
+    if not entities.is_file():
+        _fail(f"entities file not found: {entities}" if not entities.exists()
+              else f"--entities {entities} is not a file")
 
     try:
         output_kind(out, entities=entities, repo_data=settings.repo / "data")  # before any work
