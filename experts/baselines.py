@@ -40,9 +40,13 @@ class ExpertSize:
     batch_size: int = 512
     min_steps: int = 150  # more epochs on small frames, up to max_epochs
     max_epochs: int = 8
+    holdout_frac: float = 0.0  # > 0: early stopping on that latest slice (ExpertConfig)
 
     def for_rows(self, n_rows: int) -> ExpertSize:
-        """This size with epochs raised so training takes >= min_steps optimiser steps."""
+        """This size with epochs raised so training takes >= min_steps optimiser steps; with
+        early stopping, max_epochs (the held-out slice decides when to stop)."""
+        if self.holdout_frac > 0:
+            return replace(self, epochs=self.max_epochs)
         per_epoch = max(1, -(-n_rows // self.batch_size))
         epochs = max(self.epochs, min(self.max_epochs, -(-self.min_steps // per_epoch)))
         return replace(self, epochs=epochs)
@@ -74,6 +78,7 @@ def variant_config(
         history_length=history,
         hidden_dim=hidden,
         epochs=size.epochs,
+        holdout_frac=size.holdout_frac,
         batch_size=size.batch_size,
         seed=seed,
         description=f"paper-tables variant {variant}",

@@ -39,7 +39,11 @@ class ExpertConfig(BaseModel):
     hidden_dim: int = Field(default=64, ge=1, le=4096)
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     embedding_noise: float = Field(default=0.0, ge=0.0)  # std of the TAE denoising noise
-    epochs: int = Field(default=3, ge=1)
+    epochs: int = Field(default=3, ge=1)  # at most this many with holdout_frac > 0
+    # Early stopping: the latest holdout_frac of the training rows (by event time) are held out,
+    # their loss is measured after each epoch, training stops at the first epoch that does not
+    # improve on the best, and the best epoch's weights are kept. 0 = train every epoch on all.
+    holdout_frac: float = Field(default=0.0, ge=0.0, le=0.5)
     batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=2e-3, gt=0.0)
     seed: int = 0

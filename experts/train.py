@@ -21,6 +21,7 @@ from experts.dataset import batch_inputs, label_matrix, to_tensors
 from experts.metrics import normalized_entropy
 from experts.model import ExpertModel
 from fm.metrics import base_rate_logit
+from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
 
 ARTIFACT_FORMAT = 1
 PREDICT_BATCH = 8192
@@ -64,33 +65,72 @@ def train_expert(
     tae_dim: int | None,
     progress: bool = True,
 ) -> ExpertModel:
-    """Train a fresh expert on `frame` (which needs recent history and task labels)."""
+    """Train a fresh expert on `frame` (which needs recent history and task labels).
+
+    With `cfg.holdout_frac` > 0 the latest rows by `event_timestamp` (that fraction of them)
+    are held out for early stopping (see ExpertConfig). Raises ValueError when the frame has
+    no valid labels, or when the rows left for training after the held-out slice have none.
+    """
     tensors = to_tensors(frame, cfg, tae_dim)
     if "labels" not in tensors or not (~torch.isnan(tensors["labels"])).any():
         raise ValueError(f"expert {cfg.name!r}: the frame has no valid labels for {cfg.tasks}")
     labels = tensors["labels"]
-    n = len(frame)
+    fit_rows, held_rows = _split_holdout(frame, cfg.holdout_frac)
+    if not (~torch.isnan(labels[fit_rows])).any():
+        raise ValueError(f"expert {cfg.name!r}: no valid labels left for training after holding "
+                         f"out the latest {cfg.holdout_frac:.0%} of {len(frame)} rows")
+    n = len(fit_rows)
     # A private RNG stream: seeding must not disturb (or depend on) the caller's global state.
     with torch.random.fork_rng(devices=[]), torch_threads(TRAIN_THREADS):
         torch.manual_seed(cfg.seed)
         model = ExpertModel(cfg, tae_dim, n_items, n_categories, n_actions)
-        _init_bias_to_base_rate(model, labels)
+        _init_bias_to_base_rate(model, labels[fit_rows])
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
         shuffle = torch.Generator().manual_seed(cfg.seed)
         steps = cfg.epochs * -(-n // cfg.batch_size)
         bar = tqdm(total=steps, desc=f"expert {cfg.name}", disable=not progress, leave=False)
-        model.train()
+        best: tuple[float, dict[str, torch.Tensor]] | None = None
         for _ in range(cfg.epochs):
-            for idx in torch.randperm(n, generator=shuffle).split(cfg.batch_size):
+            model.train()
+            for idx in fit_rows[torch.randperm(n, generator=shuffle)].split(cfg.batch_size):
                 loss = masked_bce(model(**batch_inputs(tensors, idx)), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if len(held_rows):
+                held = _held_out_loss(model, tensors, held_rows)
+                if best is not None and held >= best[0]:
+                    break
+                best = (held, {k: v.clone() for k, v in model.state_dict().items()})
         bar.close()
+        if best is not None:
+            model.load_state_dict(best[1])
     model.eval()
     return model
+
+
+def _split_holdout(frame: pd.DataFrame, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row positions (training rows, held-out rows): the held-out ones are the latest
+    round(frac * n) by event time (ties in the frame's order), none when frac is 0."""
+    n = len(frame)
+    n_held = round(frac * n)
+    if EVENT_TIMESTAMP in frame.columns:
+        order = np.argsort(timestamps_us(frame[EVENT_TIMESTAMP]), kind="stable")
+    else:
+        order = np.arange(n)
+    order = torch.from_numpy(order.astype(np.int64))
+    return order[: n - n_held], order[n - n_held:]
+
+
+@torch.no_grad()
+def _held_out_loss(model: ExpertModel, tensors: dict[str, torch.Tensor], rows: torch.Tensor
+                   ) -> float:
+    """masked_bce over the held-out rows (tasks without labels there are skipped)."""
+    model.eval()
+    logits = torch.cat([model(**batch_inputs(tensors, idx)) for idx in rows.split(PREDICT_BATCH)])
+    return float(masked_bce(logits, tensors["labels"][rows]))
 
 
 @torch.no_grad()

@@ -248,3 +248,51 @@ def test_state_dict_keys_of_saved_experts_are_stable():
         "item_proj.bias", "expert_fusion.0.weight", "expert_fusion.0.bias",
         "expert_fusion.3.weight", "expert_fusion.3.bias", "heads.0.weight", "heads.0.bias",
     ]
+
+
+def _held_out_loss(model: ExpertModel, frame: pd.DataFrame) -> float:
+    from experts.dataset import batch_inputs
+    from experts.train import masked_bce
+
+    model.eval()
+    t = to_tensors(frame, model.cfg, model.tae_dim)
+    with torch.no_grad():
+        return float(masked_bce(model(**batch_inputs(t, slice(0, len(frame)))), t["labels"]))
+
+
+def test_early_stopping_keeps_the_best_epoch_on_the_latest_rows():
+    # Labels unrelated to the features: a wide model at a high lr overfits within a few epochs.
+    frame, events = toy_data(seed=3, n_rows=1500, missing_share=0.0)
+    rng = np.random.default_rng(3)
+    frame["click"] = (rng.random(len(frame)) < 0.3).astype(np.float32)
+    frame = add_recent_history(frame.drop(columns="embedding"), events, 6)
+    n_held = round(0.2 * len(frame))  # rows are in time order: the held-out ones are the last
+    fit, held = frame.iloc[:-n_held].reset_index(drop=True), frame.iloc[-n_held:]
+    kw = dict(epochs=8, hidden_dim=128, lr=1e-2, dropout=0.0)
+    stopped = train(config("feed_es", None, holdout_frac=0.2, **kw), frame)
+
+    # Replay without early stopping on the same training rows, one run per epoch count, and
+    # apply the rule: stop at the first epoch that does not improve on the best held-out loss.
+    losses = [_held_out_loss(train(config("feed_es", None, **{**kw, "epochs": e}), fit), held)
+              for e in range(1, 9)]
+    best = 0
+    while best + 1 < len(losses) and losses[best + 1] < losses[best]:
+        best += 1
+    assert best + 1 < 8, f"no overfitting to stop: {losses}"
+    replay = train(config("feed_es", None, **{**kw, "epochs": best + 1}), fit)
+    for (name, a), b in zip(stopped.state_dict().items(), replay.state_dict().values(),
+                            strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    assert _held_out_loss(stopped, held) < losses[-1]
+
+
+def test_holdout_frac_is_checked():
+    with pytest.raises(ValueError, match="holdout_frac"):
+        config("feed_bad", None, holdout_frac=0.7)
+
+
+def test_holdout_leaving_no_training_labels_is_an_error(data):
+    frame = data[0].copy()
+    frame.loc[: int(len(frame) * 0.9), ["click", "like"]] = np.nan
+    with pytest.raises(ValueError, match="no valid labels left for training"):
+        train(config("feed_es", "v1", holdout_frac=0.2), frame)
