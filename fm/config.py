@@ -95,8 +95,8 @@ class FMConfig:
     # The presets fix the sizes and the item table's width: 16 wide, lifted to d_model (held-out
     # like NE on ml-latest-small with zero-started item rows, history 32 / 128: d=32 x 2 layers
     # 0.851 vs 0.860, 2 and 3 seeds; d=64 x 3 layers 0.836 vs 0.848, 1 seed; no dropout, which
-    # the scaling ladder adds where it measured better, experts/paper/scaling.py's LADDER).
-    # The warm-up + cosine recipe measured on ml-latest-small (`RECIPE`; experts/paper/scaling.py
+    # the scaling ladder adds where it measured better, experts/paper/ladder.py's LADDER).
+    # The warm-up + cosine recipe measured on ml-latest-small (`RECIPE`; experts/paper/ladder.py
     # passes it, with a peak lr shrinking with width) is not their default: over the few dozen
     # steps of `foundex demo --tiny` it left the FMs barely trained (NE 1.1 to 7.4 on the main
     # tasks, against below 1 at a constant 3e-3).

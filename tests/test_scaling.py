@@ -12,7 +12,8 @@ import torch
 
 from experts.baselines import ExpertSize
 from experts.paper import scaling
-from experts.paper.scaling import FMSize, ScalingPlan, fit_power_law, fm_flops_per_candidate
+from experts.paper.ladder import LADDER, FMSize
+from experts.paper.scaling import ScalingPlan, fit_power_law, fm_flops_per_candidate
 from experts.paper.stats import TR_NA
 from fm import FMConfig, FoundationModel, TAEEngine, UserHistories
 from fm.batching import Requests
@@ -113,14 +114,14 @@ def test_flops_grow_with_width_depth_and_history():
              for d, n, h in ((16, 1, 16), (32, 1, 16), (32, 2, 16), (32, 2, 64))]
     flops = [fm_flops_per_candidate(c) for c in sizes]
     assert flops == sorted(flops) and len(set(flops)) == 4
-    small, large = scaling.LADDER[0], scaling.LADDER[-1]
+    small, large = LADDER[0], LADDER[-1]
     ratio = (fm_flops_per_candidate(FMConfig(**kw, d_model=large.d_model,
                                              n_layers=large.n_layers, n_heads=large.n_heads,
                                              max_history=large.max_history))
              / fm_flops_per_candidate(FMConfig(**kw, d_model=small.d_model,
                                                n_layers=small.n_layers, n_heads=small.n_heads,
                                                max_history=small.max_history)))
-    assert ratio >= 30 and len(scaling.LADDER) >= 5
+    assert ratio >= 30 and len(LADDER) >= 5
 
 
 # ---- the recipe's knobs (fm.config / fm.train) ------------------------------------------

@@ -3,7 +3,8 @@
 One module per concern, so a new study (the scaling study) adds its own runs and tables without
 touching the others:
 
-plan    - how big a run is (users, FM steps, expert size), derived from a time budget
+ladder  - the FM sizes both studies train (xs .. xl) and the one recipe they train by
+plan    - how big a run is (users, which two FM sizes, FM steps, expert size), from a time budget
 data    - a dataset loaded and cut into the time windows the studies use, and its surfaces
 runs    - one seed's training: the FM variants (small, large, UE) and every expert variant
 stats   - NE diffs, mean ± std over seeds, the Transfer Ratio, the four tables, the targets

@@ -25,6 +25,7 @@ import numpy as np
 
 from experts.baselines import ExpertSize, base_frame, train_variant
 from experts.paper.data import StudyData, load_study_data
+from experts.paper.ladder import LADDER, LR_BASE, FMSize, fm_config
 from experts.paper.plan import Plan
 from experts.paper.report import json_safe
 from experts.paper.runs import fm_ne_on_rows
@@ -33,50 +34,6 @@ from experts.train import torch_threads
 from fm import FMConfig, TAEEngine, UserHistories, train_streaming
 from fm.config import RECIPE
 from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
-
-# The measured recipe (ml-latest-small, held-out NE on the expert window): linear warm-up then
-# cosine decay to 10% of the peak (like 0.849 -> 0.843 at d=32 vs a constant lr); the peak lr
-# shrinks with width: 3e-3 is best at d <= 32, at d=64 3e-3 overfits (0.903) and 1e-3 is right
-# (0.849), so lr = LR_BASE * (32 / d)^1.6, at most LR_BASE (`peak_lr`); 1e-3 at d=16 left the FM
-# undertrained (0.879 vs 0.851). Passes: 3 gave 0.838 vs 0.843 for 3x the compute, so the sweep
-# makes one unless its budget is large (`scaling_plan`). Item rows start at zero (fm.model), heads
-# at the base rates (fm.train); the sizes past d=16 keep the item table 16 wide (LADDER's notes).
-LR_BASE = 3e-3
-ITEM_DIM = 16  # the item-id table's width past d=16 (FMConfig.item_dim)
-
-
-@dataclass(frozen=True)
-class FMSize:
-    """One rung of the ladder: width, depth, heads and history length together, with the
-    regularisation that size needs on small data (item-table width, dropout)."""
-
-    name: str
-    d_model: int
-    n_layers: int
-    n_heads: int
-    max_history: int
-    item_dim: int = 0  # 0: the table is d_model wide
-    dropout: float = 0.0
-
-
-# ~4k .. ~16M multiply-adds per candidate (~3,500x); a short sweep keeps the first n.
-# Measured on ml-latest-small (held-out like NE on the expert window, 1-3 seeds, zero-initialised
-# item rows): d=8 with history 4 0.862; d=16 with history 8 or 16 0.845; d=32 x 2 layers with
-# history 32 overfits as is (0.860), 0.851 with a 16-wide item table, 0.844 with the table and
-# dropout 0.2; d=48 x 2, history 96, with both: 0.841; d=64 x 3, history 128: 0.848 as is, 0.836
-# with the 16-wide table, 0.846 and 0.855 with dropout 0.1 and 0.2 on top.
-LADDER = (
-    FMSize("xs", 8, 1, 1, 4),
-    FMSize("s", 16, 1, 1, 8),
-    FMSize("m", 32, 2, 2, 32, item_dim=ITEM_DIM, dropout=0.2),
-    FMSize("l", 48, 2, 4, 96, item_dim=ITEM_DIM, dropout=0.2),
-    FMSize("xl", 64, 3, 4, 128, item_dim=ITEM_DIM),
-)
-
-
-def peak_lr(d_model: int) -> float:
-    """The recipe's peak learning rate at width d_model (see LR_BASE)."""
-    return min(LR_BASE, LR_BASE * (32 / d_model) ** 1.6)
 
 
 @dataclass
@@ -95,8 +52,8 @@ class ScalingPlan:
 
     def data_plan(self) -> Plan:
         """The `paper-tables` plan that loads the same data (`experts.paper.data`)."""
-        return Plan(self.max_users, self.sizes[-1].max_history, self.fm_max_steps, self.expert,
-                    self.max_surfaces, self.fm_batch_requests)
+        return Plan(self.max_users, (self.sizes[0], self.sizes[-1]), self.fm_max_steps,
+                    self.expert, self.max_surfaces, self.fm_batch_requests)
 
 
 def scaling_plan(budget_s: float, n_seeds: int, data: str = "synthetic") -> ScalingPlan:
@@ -163,14 +120,6 @@ def fit_power_law(compute: list[float] | np.ndarray, ne: list[float] | np.ndarra
 # ---- one seed ---------------------------------------------------------------------------
 
 
-def _fm_config(study: StudyData, plan: ScalingPlan, size: FMSize, seed: int) -> FMConfig:
-    return FMConfig(**study.spec.fm_fields(), d_model=size.d_model, n_layers=size.n_layers,
-                    n_heads=size.n_heads, max_history=size.max_history, item_dim=size.item_dim,
-                    dropout=size.dropout, lr=peak_lr(size.d_model),
-                    batch_requests=plan.fm_batch_requests, epochs=plan.epochs, seed=seed,
-                    **RECIPE)
-
-
 def run_size(seed: int, size: FMSize, study: StudyData, plan: ScalingPlan,
              histories: UserHistories, frames: dict[str, Any], *,
              device: str = "cpu", progress: bool = False) -> dict[str, Any]:
@@ -179,7 +128,8 @@ def run_size(seed: int, size: FMSize, study: StudyData, plan: ScalingPlan,
     expert, "flops", "params", "fm_steps", "fm_seconds", "pass_ne" (progressive NE per pass)}.
     `frames`: surface -> (rows, train frame, test frame, is_test, tasks) from
     `_surface_frames`. The FM trains on `device`; NE and TAEs are computed on the CPU."""
-    cfg = _fm_config(study, plan, size, seed)
+    cfg = fm_config(study.spec.fm_fields(), size, seed=seed,
+                    batch_requests=plan.fm_batch_requests, epochs=plan.epochs)
     res = train_streaming(study.events, cfg, end=study.fm_end, max_steps=plan.fm_max_steps,
                           progress=progress, device=device)
     res.model.to("cpu")
