@@ -11,9 +11,17 @@ import pytest
 import torch
 
 from experts.baselines import VARIANTS, ExpertSize, variant_config, variant_vectors
-from experts.paper.plan import Plan
+from experts.paper.ladder import FMSize, rung
+from experts.paper.plan import Plan, plan_for
 from experts.paper.report import markdown
-from experts.paper.stats import TR_NA, build_tables, check_targets, paired_gain, t95
+from experts.paper.stats import (
+    TR_NA,
+    base_rate_floor,
+    build_tables,
+    check_targets,
+    paired_gain,
+    t95,
+)
 from experts.paper.tables import run
 from fm import FMConfig, UserHistories
 from fm.batching import collate
@@ -24,7 +32,7 @@ from store_bridge.events.synthetic import SyntheticConfig, generate
 
 TINY = Plan(
     max_users=60,
-    fm_max_history=8,
+    fm_sizes=(FMSize("a", 8, 1, 1, 4), FMSize("b", 16, 1, 2, 8)),
     fm_max_steps=8,
     expert=ExpertSize(16, 4, 1, 256, min_steps=10, max_epochs=2),
     max_surfaces=1,
@@ -53,6 +61,10 @@ def test_report_files_and_json(tiny_run):
         "table3_unseen_tasks",
         "table4_flops",
     }
+    # The report names the two FM sizes; the JSON keeps the plan that made them.
+    assert [s["name"] for s in loaded["plan"]["fm_sizes"]] == ["a", "b"]
+    assert "FM small = a (d=8, 1 layers, history 4), FM large = b (d=16" in (
+        out / "report.md").read_text()
 
 
 def _finite(stat: dict) -> bool:
@@ -180,6 +192,7 @@ def _seed(fm_small=0.90, fm_large=0.88, tae_small=0.85, tae=0.834, nofm=0.95, ue
         "tasks": ["click", "hide"], "fm_ne": fm, "expert_ne": expert_ne,
         "flops": {"tae": 100, "one_stage": 1000, "nofm": 90},
         "params": {"tae": 10, "one_stage": 100},
+        "floor": {"click": {"ne": 1.0003, "positives": 412}, "hide": {"ne": 1.02, "positives": 3}},
     }}}
 
 
@@ -267,6 +280,9 @@ def test_ne_at_or_above_one_fails_as_worse_than_the_base_rate():
     }
     report = _report(tables, targets)
     assert "worse than the base rate" in report and "1.0120 ± 0.0020 ✗" in report
+    # Each failing row says what the base-rate shift between the windows costs on its own.
+    assert ("feed / click, expert nofm: NE 1.0120 (412 positives in the eval window; the "
+            "training window's rate alone scores 1.0003)") in report
     assert "| every model's NE < 1 (NE >= 1: worse than the base rate) |" in report
     assert "| no |" in report.split("## Targets")[1]
     # All below 1 and clear of it: met, nothing failing.
@@ -307,3 +323,25 @@ def test_run_reports_its_targets(tiny_run):
     t2 = result["tables"]["table2_fm_small_vs_large"]
     assert targets["transfer_ratio"]["meeting"] <= sum(r["fm_improved"] for r in t2)
     assert "## Targets" in (out / "report.md").read_text()
+
+
+def test_plan_trains_two_ladder_rungs_and_experts_stop_early():
+    roomy, tight = plan_for(2700, 3, "movielens"), plan_for(900, 3, "kuairand")
+    assert [s.name for s in roomy.fm_sizes] == ["xs", "xl"]
+    assert [s.name for s in tight.fm_sizes] == ["xs", "m"]  # 5 min per seed: a cheaper large FM
+    assert roomy.fm_max_steps is None and roomy.expert.holdout_frac > 0
+    assert roomy.expert.for_rows(3_000).epochs == roomy.expert.max_epochs
+    with pytest.raises(ValueError, match="unknown FM size 'xxl'"):
+        rung("xxl")
+
+
+def test_base_rate_floor_is_the_ne_of_the_training_rate():
+    train = np.array([0.0] * 99 + [1.0] + [np.nan] * 5)  # 1% positives
+    test = np.array([0.0] * 98 + [1.0] * 2)  # 2%
+    floor = base_rate_floor(train, test)
+    q, p = 0.02, 0.01
+    expected = -(q * math.log(p) + (1 - q) * math.log(1 - p)) / -(
+        q * math.log(q) + (1 - q) * math.log(1 - q))
+    assert floor["positives"] == 2 and floor["ne"] == pytest.approx(expected, rel=1e-4)
+    assert floor["ne"] > 1  # the shift alone puts a signal-free model above 1
+    assert base_rate_floor(train, test[:0])["positives"] == 0

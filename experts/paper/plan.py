@@ -1,38 +1,54 @@
-"""How big a paper-tables run is: data subsample, FM steps and expert size from a time budget."""
+"""How big a paper-tables run is: data subsample, which FM sizes, FM steps and expert size,
+from a time budget."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from experts.baselines import ExpertSize
+from experts.paper.ladder import FMSize, rung
 
 
 @dataclass
 class Plan:
-    """How big a run is, derived from the time budget."""
+    """How big a run is, derived from the time budget. The small and the large FM are two rungs
+    of the scaling ladder (`experts.paper.ladder`), trained by its recipe; the UE model takes
+    the large one's size."""
 
     max_users: int | None  # users kept (random subsample); None = all
-    fm_max_history: int
-    fm_max_steps: int | None
+    fm_sizes: tuple[FMSize, FMSize]  # (small, large)
+    fm_max_steps: int | None  # None: one pass over the FM window
     expert: ExpertSize
     max_surfaces: int
     fm_batch_requests: int = 64
 
 
-def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
-    """Scale data and steps so a run takes at most about `budget_s` seconds on 2 shared CPU cores.
+# Experts hold out the last 10% of their training window and stop when its loss stops falling
+# (experts.train). KuaiRand's small tabs (3.9k and 2.7k training rows) overfit without it: every
+# model, the no-FM expert included, ended at NE 1.02-1.05 on tab0 click, whose base-rate
+# shift alone costs 1.0001.
+HOLDOUT = 0.1
 
-    Measured there: a synthetic seed takes ~17 s at the first tier and ~80 s at the second; on
-    KuaiRand-Pure an FM step (128 one-impression requests, history 48) ~0.09 s, and the
-    experts of 3 surfaces ~40% of a seed's time.
+
+def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
+    """Scale data, FM sizes and steps so a run takes at most about `budget_s` seconds on 2
+    shared CPU cores.
+
+    Real data: both FMs make one pass over the FM window by the recipe; the small FM is the
+    ladder's xs, the large its xl (measured per seed, FM and UE model: ~14 min on
+    ml-latest-small, whose histories fill xl's 128 events, ~10 min on KuaiRand-Pure) when a
+    seed has 15 minutes, else its m (~1-3 min). Synthetic: ~17 s per seed at the first tier.
     """
     per_seed = budget_s / max(n_seeds, 1)
     if data != "synthetic":
-        steps = max(20, int(per_seed * 0.55 / (3 * 0.09)))
-        expert = ExpertSize(64, 8, 2, 1024, min_steps=150, max_epochs=4)
-        return Plan(None, 48, steps, expert, 3, fm_batch_requests=128)
+        large = rung("xl") if per_seed >= 900 else rung("m")
+        expert = ExpertSize(64, 8, 2, 1024, min_steps=150, max_epochs=4, holdout_frac=HOLDOUT)
+        return Plan(None, (rung("xs"), large), None, expert, 3)
     if per_seed < 80:
-        return Plan(250, 16, 120, ExpertSize(32, 8, 2, 256, min_steps=100, max_epochs=6), 1)
+        return Plan(250, (rung("xs"), rung("s")), 120,
+                    ExpertSize(32, 8, 2, 256, min_steps=100, max_epochs=6, holdout_frac=HOLDOUT), 1)
     if per_seed < 300:
-        return Plan(800, 32, 400, ExpertSize(48, 8, 2, 512, min_steps=150, max_epochs=8), 1)
-    return Plan(3000, 48, 1500, ExpertSize(64, 8, 2, 512, min_steps=200, max_epochs=8), 1)
+        return Plan(800, (rung("xs"), rung("m")), 400,
+                    ExpertSize(48, 8, 2, 512, min_steps=150, max_epochs=8, holdout_frac=HOLDOUT), 1)
+    return Plan(3000, (rung("xs"), rung("xl")), 1500,
+                ExpertSize(64, 8, 2, 512, min_steps=200, max_epochs=8, holdout_frac=HOLDOUT), 1)

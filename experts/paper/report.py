@@ -64,6 +64,17 @@ def _table2_rows(rows: list[dict]) -> list[str]:
     ]
 
 
+def _floor_note(floor: dict[str, Any] | None) -> str:
+    """Why a row may not get below 1: the eval window's positives and what its base rate
+    shift alone costs (`stats.base_rate_floor`)."""
+    if not floor:
+        return ""
+    ne = floor.get("ne")
+    shift = (f"; the training window's rate alone scores {ne:.4f}"
+             if ne is not None and math.isfinite(ne) else "")
+    return f" ({floor['positives']} positives in the eval window{shift})"
+
+
 def _targets(targets: dict[str, Any]) -> list[str]:
     lines = [
         "", "## Targets", "",
@@ -81,8 +92,24 @@ def _targets(targets: dict[str, Any]) -> list[str]:
         lines += ["", f"Failing: NE >= 1, worse than the base rate ({WORSE.strip()} in the "
                   "tables):", ""]
         lines += [f"- table {c['table']}: {c['surface']} / {c['task']}, {c['model']}: "
-                  f"NE {c['ne']:.4f}" for c in failing]
+                  f"NE {c['ne']:.4f}{_floor_note(c.get('floor'))}" for c in failing]
     return lines
+
+
+def _fm_sizes(plan: dict[str, Any] | None) -> list[str]:
+    """One line naming the two FMs and the recipe they train by (none for an old result)."""
+    if not plan:
+        return []
+    small, large = (f"{s['name']} (d={s['d_model']}, {s['n_layers']} layers, history "
+                    f"{s['max_history']})" for s in plan["fm_sizes"])
+    steps = (f"at most {plan['fm_max_steps']} steps" if plan["fm_max_steps"]
+             else "one pass over the FM window")
+    holdout = plan["expert"]["holdout_frac"]
+    stop = (f" Experts stop early on the latest {holdout:.0%} of their training window."
+            if holdout else "")
+    return [f"FM small = {small}, FM large = {large}: two rungs of the scaling ladder, each "
+            f"trained by its recipe ({plan['recipe']}, peak lr shrinking with width), {steps}, "
+            f"batch {plan['fm_batch_requests']} requests.{stop}", ""]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -107,6 +134,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += _ne_diff_rows(t["table1_ne_diff_vs_nofm"])
     lines += [
         "", "## 2. FM small -> FM large", "",
+        *_fm_sizes(result.get("plan")),
         "FM NE on the expert's surface and evaluation window; expert = +TAE expert on each "
         "version. TR = (NE_exp(small) - NE_exp(large)) / (NE_FM(small) - NE_FM(large)), mean "
         "± std of the per-seed TRs, shown only where the large FM is better: FM gain = "

@@ -19,8 +19,10 @@ import torch
 
 from experts.baselines import ONE_STAGE_HISTORY, VARIANTS, VariantResult, base_frame, train_variant
 from experts.paper.data import StudyData
+from experts.paper.ladder import fm_config
 from experts.paper.plan import Plan
-from fm import FMConfig, TAEEngine, UserHistories, train_streaming
+from experts.paper.stats import base_rate_floor
+from fm import TAEEngine, UserHistories, train_streaming
 from fm.batching import Requests
 from fm.metrics import NEAccumulator
 from fm.model import FoundationModel
@@ -58,22 +60,21 @@ def fm_ne_on_rows(
 
 
 def train_fms(seed: int, ctx: RunContext) -> dict[str, Any]:
-    """The seed's FM variants on the FM window: "tae_small" (FMConfig.small), "tae"
-    (FMConfig.large) and "ue" (the candidate-free UE model at the large size), in that order."""
+    """The seed's FM variants on the FM window, each trained by the ladder's recipe:
+    "tae_small" and "tae" (the plan's small and large size) and "ue" (the candidate-free UE
+    model at the large size), in that order."""
     study, plan, say, progress = ctx.study, ctx.plan, ctx.say, ctx.progress
-    fm_kw = dict(
-        **study.spec.fm_fields(),
-        max_history=plan.fm_max_history,
-        batch_requests=plan.fm_batch_requests,
-        seed=seed,
-    )
-    cfgs = {"tae_small": FMConfig.small(**fm_kw), "tae": FMConfig.large(**fm_kw)}
+    small, large = plan.fm_sizes
+    cfgs = {name: fm_config(study.spec.fm_fields(), size, seed=seed,
+                            batch_requests=plan.fm_batch_requests)
+            for name, size in (("tae_small", small), ("tae", large))}
     models: dict[str, Any] = {}
     for name, cfg in cfgs.items():
         res = train_streaming(study.events, cfg, end=study.fm_end, max_steps=plan.fm_max_steps,
                               progress=progress)
         models[name] = res.model
-        say(f"  seed {seed}: FM {name} {res.steps} steps in {res.seconds:.1f}s")
+        say(f"  seed {seed}: FM {name} (d={cfg.d_model}, history {cfg.max_history}) "
+            f"{res.steps} steps in {res.seconds:.1f}s")
     res = train_ue_streaming(study.events, cfgs["tae"], end=study.fm_end,
                              max_steps=plan.fm_max_steps, progress=progress)
     models["ue"] = res.model
@@ -106,7 +107,8 @@ def run_surface(
     """Every expert variant on one surface, fed by `models` (from `train_fms`).
 
     Returns tasks, fm_ne (model -> task -> NE on the eval rows), expert_ne (variant -> task ->
-    NE), flops (variant -> multiply-adds per candidate), params and rows (train/test counts).
+    NE), flops (variant -> multiply-adds per candidate), params, rows (train/test counts) and
+    floor (task -> `stats.base_rate_floor`).
     """
     study, plan, say, progress = ctx.study, ctx.plan, ctx.say, ctx.progress
     events, spec = study.events, study.spec
@@ -142,6 +144,8 @@ def run_surface(
         "flops": {k: r.flops for k, r in results.items()},
         "params": {k: r.params for k, r in results.items()},
         "rows": {"train": int(len(train)), "test": int(len(test))},
+        "floor": {t: base_rate_floor(train[t].to_numpy(np.float64), test[t].to_numpy(np.float64))
+                  for t in tasks},
     }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from experts.metrics import transfer_ratio
+from experts.metrics import normalized_entropy, transfer_ratio
 from store_bridge.events.schema import DatasetSpec
 
 TABLE1_VARIANTS = ("ue", "tae", "ue_tae")
@@ -104,6 +104,20 @@ def _constant(c: float, like: list[Any]) -> list[float]:
     return [c] * len(like)
 
 
+def base_rate_floor(train_labels: np.ndarray, test_labels: np.ndarray) -> dict[str, Any]:
+    """What a model without signal scores when the positive rate moves between windows: the
+    NE on the test labels of predicting the training labels' positive rate for every row
+    ("ne"; nan without valid labels on either side), and the test window's positives
+    ("positives"). 1-D label arrays, NaN = no label. NE >= 1 there is the data's, not a
+    model's: no model trained on the earlier window can know the later rate."""
+    tr, te = train_labels[~np.isnan(train_labels)], test_labels[~np.isnan(test_labels)]
+    positives = int(te.sum())
+    if not len(tr) or not len(te):
+        return {"ne": math.nan, "positives": positives}
+    rate = float(np.clip(tr.mean(), 1e-7, 1 - 1e-7))
+    return {"ne": normalized_entropy(te, np.full(len(te), rate)), "positives": positives}
+
+
 def build_tables(per_seed: list[dict[str, Any]], spec: DatasetSpec) -> dict[str, list[dict]]:
     """The four tables (keys TABLE_KEYS) from `runs.run_seed`'s results, one per seed."""
     unseen = set(spec.unseen_tasks)
@@ -112,7 +126,8 @@ def build_tables(per_seed: list[dict[str, Any]], spec: DatasetSpec) -> dict[str,
         seeds = [s["surfaces"][surface] for s in per_seed]
         for task in first["tasks"]:
             base = [s["expert_ne"]["nofm"][task] for s in seeds]
-            row: dict[str, Any] = {"surface": surface, "task": task, "ne_nofm": mean_std(base)}
+            row: dict[str, Any] = {"surface": surface, "task": task, "ne_nofm": mean_std(base),
+                                   "floor": first.get("floor", {}).get(task)}
             for v in TABLE1_VARIANTS:
                 row[v] = mean_std([ne_diff_pct(s["expert_ne"][v][task], b)
                                    for s, b in zip(seeds, base, strict=True)])
@@ -237,7 +252,8 @@ def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
     unseen_gain      d = -NE diff(+TAE) on tasks the FM never saw (table 3);
     expert_flops     FLOPs ratio <= 0.4 and d = NE(one-stage) - NE(expert), mean over tasks;
     ne_below_base_rate  every model's NE < 1: d = 1 - NE, met only if every row meets it;
-                     `failing` lists the cells whose mean NE >= 1 (worse than the base rate).
+                     `failing` lists the cells whose mean NE >= 1 (worse than the base rate),
+                     each with its row's `floor` (`base_rate_floor`) where the row has one.
     """
     t1, t2, t3, t4 = (tables[k] for k in TABLE_KEYS)
 
@@ -286,8 +302,10 @@ def check_targets(tables: dict[str, list[dict]]) -> dict[str, dict[str, Any]]:
         "ne_below_base_rate": _judged("every model's NE < 1 (NE >= 1: worse than the base rate)",
                                       base_rate, every=True),
     }
+    floors = {(r["surface"], r["task"]): r.get("floor") for r in (*t1, *t3)}
     targets["ne_below_base_rate"]["failing"] = [
-        {k: c[k] for k in ("table", "surface", "task", "model", "ne")}
+        {**{k: c[k] for k in ("table", "surface", "task", "model", "ne")},
+         "floor": floors.get((c["surface"], c["task"]))}
         for c in base_rate if c["ne"] >= 1.0
     ]
     return targets

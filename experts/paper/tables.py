@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from experts.paper.data import load_study_data
+from experts.paper.ladder import LR_BASE
 from experts.paper.plan import Plan, plan_for
 from experts.paper.report import json_safe, plots, write_report
 from experts.paper.runs import RunContext, run_seed
 from experts.paper.stats import build_tables, check_targets
 from experts.train import torch_threads
+from fm.config import RECIPE
 
 
 def run(
@@ -33,7 +36,7 @@ def run(
 ) -> dict[str, Any]:
     """Compute the four tables; write out_dir/report.md, result.json and PNG plots.
 
-    Returns the JSON-safe result: data, seeds, surfaces, events, users, windows, unseen_tasks,
+    Returns the JSON-safe result: data, seeds, surfaces, plan, events, users, windows, unseen_tasks,
     tables, per_seed, targets, seconds, plots. Raises ValueError without seeds and
     `experts.paper.data.DataError` when the dataset cannot be read.
     """
@@ -59,6 +62,9 @@ def run(
         "data": data,
         "seeds": seeds,
         "surfaces": study.surfaces,
+        "plan": {"fm_sizes": [asdict(s) for s in plan.fm_sizes], "fm_max_steps": plan.fm_max_steps,
+                 "fm_batch_requests": plan.fm_batch_requests,
+                 "recipe": {"lr_base": LR_BASE, **RECIPE}, "expert": asdict(plan.expert)},
         "events": int(len(events)),
         "users": int(events["user_id"].nunique()),
         "windows": {k: (a.isoformat(), b.isoformat()) for k, (a, b) in study.windows.items()},
