@@ -46,7 +46,11 @@ def test_tiny_sweep_writes_report_json_and_plot(sweep):
     for r in rows:
         assert r["fm_ne"]["n"] == 2 and len(r["expert_ne"]["values"]) == 2
         assert all(v is None or v > 0 for v in r["fm_ne"]["values"])
+        # the FM is also judged on the window right after its own (the expert window)
+        assert r["fm_next_ne"]["n"] == 2 and r["fm_next_ne"]["values"] != r["fm_ne"]["values"]
     assert rows[0]["flops"] < rows[1]["flops"]
+    assert {f["model"] for f in result["fits"]} == {"fm", "fm_next", "expert"}
+    assert "| FM NE | FM NE (expert window) | expert NE |" in report
     # two sizes: one pair (no separate smallest -> largest), and no fit from 2 points
     assert {(t["small"], t["large"]) for t in result["transfers"]} == {("a", "b")}
     assert all("error" in f for f in result["fits"])

@@ -124,8 +124,10 @@ def run_size(seed: int, size: FMSize, study: StudyData, plan: ScalingPlan,
              histories: UserHistories, frames: dict[str, Any], *,
              device: str = "cpu", progress: bool = False) -> dict[str, Any]:
     """One FM size on one seed: the FM, its NE on each surface's eval rows, and the +TAE expert
-    fed by its TAEs. Returns {"fm_ne": surface -> task -> NE, "expert_ne": the same for the
-    expert, "flops", "params", "fm_steps", "fm_seconds", "pass_ne" (progressive NE per pass)}.
+    fed by its TAEs. Returns {"fm_ne": surface -> task -> NE, "fm_next_ne": the same on the
+    expert window (the FM's next, held-out window; nearer its training data than the evaluation
+    window), "expert_ne": as fm_ne for the expert, "flops", "params", "fm_steps", "fm_seconds",
+    "pass_ne" (progressive NE per pass)}.
     `frames`: surface -> (rows, train frame, test frame, is_test, tasks) from
     `_surface_frames`. The FM trains on `device`; NE and TAEs are computed on the CPU."""
     cfg = fm_config(study.spec.fm_fields(), size, seed=seed,
@@ -134,16 +136,18 @@ def run_size(seed: int, size: FMSize, study: StudyData, plan: ScalingPlan,
                           progress=progress, device=device)
     res.model.to("cpu")
     engine = TAEEngine(res.model, histories)
-    fm_ne, expert_ne = {}, {}
+    fm_ne, fm_next_ne, expert_ne = {}, {}, {}
     for surface, (rows, train, test, is_test, tasks) in frames.items():
         fm_ne[surface] = fm_ne_on_rows(res.model, histories, rows[is_test])
+        fm_next_ne[surface] = fm_ne_on_rows(res.model, histories, rows[~is_test])
         tae = engine.compute(rows["user_id"].to_numpy(np.int64),
                              rows["item_id"].to_numpy(np.int64),
                              timestamps_us(rows[EVENT_TIMESTAMP]),
                              rows["surface"].to_numpy(object))
         expert_ne[surface] = _expert(study, plan, "tae", seed, surface, tasks, train, test,
                                      {"tae": tae[~is_test]}, {"tae": tae[is_test]})
-    return {"fm_ne": fm_ne, "expert_ne": expert_ne, "flops": fm_flops_per_candidate(cfg),
+    return {"fm_ne": fm_ne, "fm_next_ne": fm_next_ne, "expert_ne": expert_ne,
+            "flops": fm_flops_per_candidate(cfg),
             "params": sum(p.numel() for p in res.model.parameters()), "fm_steps": res.steps,
             "fm_seconds": res.seconds, "pass_ne": res.pass_ne}
 
@@ -200,7 +204,8 @@ def fm_tasks(study: StudyData, surface: str) -> list[str]:
 
 def size_rows(per_seed: list[dict[str, Any]], plan: ScalingPlan, study: StudyData
               ) -> list[dict[str, Any]]:
-    """One row per (surface, FM task, size): FLOPs, FM NE and expert NE (mean ± std cells)."""
+    """One row per (surface, FM task, size): FLOPs, FM NE (evaluation and expert window) and
+    expert NE (mean ± std cells)."""
     rows = []
     for surface in study.surfaces:
         for task in fm_tasks(study, surface):
@@ -210,6 +215,8 @@ def size_rows(per_seed: list[dict[str, Any]], plan: ScalingPlan, study: StudyDat
                     "surface": surface, "task": task, "size": size.name, **asdict(size),
                     "flops": runs[0]["flops"], "params": runs[0]["params"],
                     "fm_ne": mean_std([r["fm_ne"][surface].get(task) for r in runs]),
+                    "fm_next_ne": mean_std([r.get("fm_next_ne", {}).get(surface, {}).get(task)
+                                            for r in runs]),
                     "expert_ne": mean_std([r["expert_ne"][surface].get(task) for r in runs]),
                     "nofm_ne": mean_std([s["nofm_ne"][surface].get(task) for s in per_seed]),
                 })
@@ -217,12 +224,13 @@ def size_rows(per_seed: list[dict[str, Any]], plan: ScalingPlan, study: StudyDat
 
 
 def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The power-law fit of FM NE and of expert NE against FLOPs per (surface, task), over the
-    sizes' mean NE; {"error": ...} where it cannot be fitted (fewer than 3 sizes with NE)."""
+    """The power-law fit of FM NE (both windows) and of expert NE against FLOPs per (surface,
+    task), over the sizes' mean NE; model "fm", "fm_next" or "expert"; {"error": ...} where it
+    cannot be fitted (fewer than 3 sizes with NE)."""
     out = []
     for key in sorted({(r["surface"], r["task"]) for r in rows}):
         mine = [r for r in rows if (r["surface"], r["task"]) == key]
-        for model in ("fm_ne", "expert_ne"):
+        for model in ("fm_ne", "fm_next_ne", "expert_ne"):
             flops = [r["flops"] for r in mine if r[model]["mean"] is not None]
             ne = [r[model]["mean"] for r in mine if r[model]["mean"] is not None]
             try:

@@ -36,21 +36,23 @@ def markdown(result: dict[str, Any]) -> str:
         + (f", at most {plan['fm_max_steps']} steps" if plan["fm_max_steps"] else "") + ".",
         f"NE (lower is better) on the evaluation window {result['windows']['eval'][0]} .. "
         f"{result['windows']['eval'][1]}: the FM's own head, and the +TAE expert (trained on the "
-        "expert window) fed by that FM's TAEs. FLOPs = FM encoder multiply-adds per candidate "
-        "with a full history. Cells: mean ± std over seeds.",
+        "expert window) fed by that FM's TAEs. FM NE (expert window): the FM's head on the "
+        "window right after its own training window, which it never saw either. FLOPs = FM "
+        "encoder multiply-adds per candidate with a full history. Cells: mean ± std over seeds.",
         "",
         "## NE per size",
         "",
         "| surface | task | size | d | layers | history | item table | dropout | FLOPs | params "
-        "| FM NE | expert NE | no-FM expert NE |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FM NE | FM NE (expert window) | expert NE | no-FM expert NE |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['surface']} | {r['task']} | {r['size']} | {r['d_model']} | {r['n_layers']} | "
             f"{r['max_history']} | {r.get('item_dim') or r['d_model']} | {r.get('dropout', 0.0):g} | "
             f"{r['flops']:,} | {r['params']:,} | {_fmt_ne(r['fm_ne'])} | "
-            f"{_fmt_ne(r['expert_ne'])} | {_fmt_ne(r['nofm_ne'])} |")
+            f"{_fmt_ne(r.get('fm_next_ne') or {})} | {_fmt_ne(r['expert_ne'])} | "
+            f"{_fmt_ne(r['nofm_ne'])} |")
     lines += ["", "## Fit NE(C) = a·C^(-b) + c over the sizes' mean NE", "",
               "| surface | task | model | fit |", "|---|---|---|---|"]
     lines += [f"| {f['surface']} | {f['task']} | {f['model']} | {_fit_cell(f)} |"
@@ -73,8 +75,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], out_dir: Path) -> str:
-    """out_dir/scaling.png: FM NE and expert NE against FLOPs (log x), one line per surface
-    and task, error bars = std over seeds. Returns the file name."""
+    """out_dir/scaling.png: FM NE (evaluation and expert window) and expert NE against FLOPs
+    (log x), one panel each, one line per surface and task, error bars = std over seeds.
+    Returns the file name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,12 +85,14 @@ def plot(result: dict[str, Any], out_dir: Path) -> str:
     from matplotlib.ticker import LogLocator, NullFormatter
 
     keys = sorted({(r["surface"], r["task"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, model, title in ((axes[0], "fm_ne", "FM head"), (axes[1], "expert_ne",
-                                                               "+TAE expert")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)
+    panels = ((axes[0], "fm_ne", "FM head, eval window"),
+              (axes[1], "fm_next_ne", "FM head, expert window"),
+              (axes[2], "expert_ne", "+TAE expert, eval window"))
+    for ax, model, title in panels:
         for surface, task in keys:
             rows = [r for r in result["rows"] if (r["surface"], r["task"]) == (surface, task)
-                    and r[model]["mean"] is not None]
+                    and (r.get(model) or {}).get("mean") is not None]
             label = task if len(result["surfaces"]) == 1 else f"{surface}/{task}"
             line = ax.errorbar([r["flops"] for r in rows], [r[model]["mean"] for r in rows],
                                yerr=[r[model]["std"] for r in rows], marker="o", capsize=3,
@@ -107,7 +112,7 @@ def plot(result: dict[str, Any], out_dir: Path) -> str:
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels would overlap
         ax.set_xlabel("FM multiply-adds per candidate (log scale)")
         ax.set_ylabel("NE (lower is better)")
-        ax.set_title(f"{title}: NE vs FM compute (dotted: fit)")
+        ax.set_title(f"{title} (dotted: fit)", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"FM scaling on {result['data']} (seeds {result['seeds']})")
