@@ -40,9 +40,11 @@ class ExpertConfig(BaseModel):
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     embedding_noise: float = Field(default=0.0, ge=0.0)  # std of the TAE denoising noise
     epochs: int = Field(default=3, ge=1)  # at most this many with holdout_frac > 0
-    # Early stopping: the latest holdout_frac of the training rows (by event time) are held out,
-    # their loss is measured after each epoch, training stops at the first epoch that does not
-    # improve on the best, and the best epoch's weights are kept. 0 = train every epoch on all.
+    # Early stopping: the latest holdout_frac of the training rows (by event time; cut between
+    # timestamps) are held out, their loss is measured after each epoch, training stops at the
+    # first epoch that does not improve on the best, and the best epoch's weights are kept.
+    # 0 = train every epoch on all rows; so do frames that would hold out fewer than 100 rows or
+    # only unlabelled ones (experts.train._split_holdout).
     holdout_frac: float = Field(default=0.0, ge=0.0, le=0.5)
     batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=2e-3, gt=0.0)

@@ -28,6 +28,7 @@ PREDICT_BATCH = 8192
 # Experts are tiny: intra-op threads buy little, and on a busy 2-core machine OpenMP's
 # spin-waiting made a training step ~5x slower with 2 threads than with 1 (measured).
 TRAIN_THREADS = 1
+MIN_HELD_OUT = 100  # early stopping on fewer held-out rows would follow noise: train on all
 
 
 @contextmanager
@@ -67,15 +68,16 @@ def train_expert(
 ) -> ExpertModel:
     """Train a fresh expert on `frame` (which needs recent history and task labels).
 
-    With `cfg.holdout_frac` > 0 the latest rows by `event_timestamp` (that fraction of them)
-    are held out for early stopping (see ExpertConfig). Raises ValueError when the frame has
-    no valid labels, or when the rows left for training after the held-out slice have none.
+    With `cfg.holdout_frac` > 0 the latest rows by `event_timestamp` (that fraction of them,
+    at least MIN_HELD_OUT; see `_split_holdout`) are held out for early stopping (see
+    ExpertConfig). Raises ValueError when the frame has no valid labels, or when the rows left
+    for training after the held-out slice have none.
     """
     tensors = to_tensors(frame, cfg, tae_dim)
     if "labels" not in tensors or not (~torch.isnan(tensors["labels"])).any():
         raise ValueError(f"expert {cfg.name!r}: the frame has no valid labels for {cfg.tasks}")
     labels = tensors["labels"]
-    fit_rows, held_rows = _split_holdout(frame, cfg.holdout_frac)
+    fit_rows, held_rows = _split_holdout(frame, labels, cfg.holdout_frac)
     if not (~torch.isnan(labels[fit_rows])).any():
         raise ValueError(f"expert {cfg.name!r}: no valid labels left for training after holding "
                          f"out the latest {cfg.holdout_frac:.0%} of {len(frame)} rows")
@@ -101,7 +103,7 @@ def train_expert(
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if len(held_rows):
                 held = _held_out_loss(model, tensors, held_rows)
-                if best is not None and held >= best[0]:
+                if best is not None and not held < best[0]:  # a NaN loss is no improvement
                     break
                 best = (held, {k: v.clone() for k, v in model.state_dict().items()})
         bar.close()
@@ -111,17 +113,30 @@ def train_expert(
     return model
 
 
-def _split_holdout(frame: pd.DataFrame, frac: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row positions (training rows, held-out rows): the held-out ones are the latest
-    round(frac * n) by event time (ties in the frame's order), none when frac is 0."""
+def _split_holdout(frame: pd.DataFrame, labels: torch.Tensor, frac: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row positions (training rows in the frame's order, held-out rows): the held-out ones
+    are the latest int(frac * n) by event time (the frame's last rows without an
+    event_timestamp column), moved to the next timestamp so that no instant is split. None are
+    held out when frac is 0, when fewer than MIN_HELD_OUT rows would be (too noisy to stop
+    on) or when the held-out rows have no valid label."""
     n = len(frame)
-    n_held = round(frac * n)
+    everything, nothing = torch.arange(n), torch.zeros(0, dtype=torch.int64)
+    n_held = int(frac * n)
+    if n_held < MIN_HELD_OUT:
+        return everything, nothing
     if EVENT_TIMESTAMP in frame.columns:
-        order = np.argsort(timestamps_us(frame[EVENT_TIMESTAMP]), kind="stable")
+        ts = timestamps_us(frame[EVENT_TIMESTAMP])
+        order = np.argsort(ts, kind="stable")
+        cut = n - n_held
+        while cut > 0 and ts[order[cut - 1]] == ts[order[cut]]:
+            cut -= 1
     else:
-        order = np.arange(n)
-    order = torch.from_numpy(order.astype(np.int64))
-    return order[: n - n_held], order[n - n_held:]
+        order, cut = np.arange(n), n - n_held
+    held = torch.from_numpy(np.sort(order[cut:]).astype(np.int64))
+    if cut == 0 or torch.isnan(labels[held]).all():
+        return everything, nothing
+    return torch.from_numpy(np.sort(order[:cut]).astype(np.int64)), held
 
 
 @torch.no_grad()

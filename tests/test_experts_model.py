@@ -296,3 +296,14 @@ def test_holdout_leaving_no_training_labels_is_an_error(data):
     frame.loc[: int(len(frame) * 0.9), ["click", "like"]] = np.nan
     with pytest.raises(ValueError, match="no valid labels left for training"):
         train(config("feed_es", "v1", holdout_frac=0.2), frame)
+
+
+def test_a_holdout_too_small_or_unlabelled_trains_on_every_row(data):
+    frame = data[0].iloc[:900].reset_index(drop=True)
+    unlabelled_tail = frame.assign(**{t: frame[t].where(frame.index < 700) for t in ("click", "like")})
+    # 10% of 900 = 90 rows, too few to stop on; 20% = 180 rows, none of them labelled
+    for f, frac in ((frame, 0.1), (unlabelled_tail, 0.2)):
+        plain = train(config("feed_es", "v1"), f)
+        model = train(config("feed_es", "v1", holdout_frac=frac), f)
+        for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(a, b)
