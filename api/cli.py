@@ -1227,7 +1227,9 @@ def paper_tables_cmd(
     data_path: StudyDataPath = None,
     seeds: StudySeeds = None,
     time_budget: Annotated[
-        float, typer.Option(min=1, help="seconds the run may take, roughly; sizes data and steps")
+        float, typer.Option(min=1, help="seconds the run may take, roughly; sizes data, steps "
+                            "and the large FM (real data: the ladder's xl from 900 s per seed, "
+                            "else m)")
     ] = 120.0,
     out: Annotated[Path, typer.Option(help="where report.md, result.json, PNGs go")] = Path(
         "paper_tables"
@@ -1235,8 +1237,9 @@ def paper_tables_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
 ) -> None:
     """The paper's four tables (UE/TAE vs no-FM, FM small->large with TR, unseen tasks, expert
-    vs one-stage FLOPs) over several seeds, in memory; a markdown report and PNG plots, then
-    one JSON object as the last line."""
+    vs one-stage FLOPs) over several seeds, in memory; the two FMs are rungs of the `scaling`
+    ladder trained by its recipe. A markdown report and PNG plots, then one JSON object as the
+    last line."""
     from experts.paper.data import DataError
     from experts.paper.tables import run
 

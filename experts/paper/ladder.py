@@ -20,6 +20,7 @@ from fm.config import RECIPE
 # makes one unless its budget is large (`scaling_plan`). Item rows start at zero (fm.model), heads
 # at the base rates (fm.train); the sizes past d=16 keep the item table 16 wide (LADDER's notes).
 LR_BASE = 3e-3
+LR_WIDTH_REF, LR_WIDTH_POWER = 32, 1.6  # peak lr = LR_BASE * (LR_WIDTH_REF / d)^LR_WIDTH_POWER
 ITEM_DIM = 16  # the item-id table's width past d=16 (FMConfig.item_dim)
 
 
@@ -62,7 +63,13 @@ def rung(name: str) -> FMSize:
 
 def peak_lr(d_model: int) -> float:
     """The recipe's peak learning rate at width d_model (see LR_BASE)."""
-    return min(LR_BASE, LR_BASE * (32 / d_model) ** 1.6)
+    return min(LR_BASE, LR_BASE * (LR_WIDTH_REF / d_model) ** LR_WIDTH_POWER)
+
+
+def recipe_record() -> dict[str, Any]:
+    """The recipe as the studies' result.json keep it: RECIPE's schedule and the peak lr's law."""
+    return {"lr_base": LR_BASE, "lr_width_ref": LR_WIDTH_REF, "lr_width_power": LR_WIDTH_POWER,
+            **RECIPE}
 
 
 def fm_config(dataset_fields: dict[str, Any], size: FMSize, *, seed: int, batch_requests: int,

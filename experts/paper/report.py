@@ -96,6 +96,15 @@ def _targets(targets: dict[str, Any]) -> list[str]:
     return lines
 
 
+def recipe_text(recipe: dict[str, Any]) -> str:
+    """The ladder's recipe (`experts.paper.ladder`, as saved in result.json) in words."""
+    # results saved before the law's constants were recorded used 32 and 1.6
+    lr, ref, power = recipe["lr_base"], recipe.get("lr_width_ref", 32), recipe.get(
+        "lr_width_power", 1.6)
+    return (f"linear warm-up over {recipe['warmup_steps']} steps, {recipe['lr_decay']} decay to "
+            f"{recipe['min_lr_frac']:.0%} of a peak lr of min({lr:g}, {lr:g}·({ref}/d)^{power:g})")
+
+
 def _fm_sizes(plan: dict[str, Any] | None) -> list[str]:
     """One line naming the two FMs and the recipe they train by (none for an old result)."""
     if not plan:
@@ -108,7 +117,7 @@ def _fm_sizes(plan: dict[str, Any] | None) -> list[str]:
     stop = (f" Experts stop early on the latest {holdout:.0%} of their training window."
             if holdout else "")
     return [f"FM small = {small}, FM large = {large}: two rungs of the scaling ladder, each "
-            f"trained by its recipe ({plan['recipe']}, peak lr shrinking with width), {steps}, "
+            f"trained by its recipe ({recipe_text(plan['recipe'])}), {steps}, "
             f"batch {plan['fm_batch_requests']} requests.{stop}", ""]
 
 

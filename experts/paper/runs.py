@@ -136,7 +136,8 @@ def run_surface(
             progress=progress,
         )
     say(f"  seed {seed}: {surface}: {len(train):,} train / {len(test):,} test rows, "
-        f"{size.epochs} epochs, {len(VARIANTS)} experts in {time.perf_counter() - t0:.1f}s")
+        f"{'<= ' if size.holdout_frac else ''}{size.epochs} epochs, {len(VARIANTS)} experts in "
+        f"{time.perf_counter() - t0:.1f}s")
     return {
         "tasks": tasks,
         "fm_ne": fm_ne,

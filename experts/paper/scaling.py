@@ -25,14 +25,13 @@ import numpy as np
 
 from experts.baselines import ExpertSize, base_frame, train_variant
 from experts.paper.data import StudyData, load_study_data
-from experts.paper.ladder import LADDER, LR_BASE, FMSize, fm_config
+from experts.paper.ladder import LADDER, FMSize, fm_config, recipe_record
 from experts.paper.plan import Plan
 from experts.paper.report import json_safe
 from experts.paper.runs import fm_ne_on_rows
 from experts.paper.stats import JUDGE, TR_NA, mean_std, transfer_row
 from experts.train import torch_threads
 from fm import FMConfig, TAEEngine, UserHistories, train_streaming
-from fm.config import RECIPE
 from store_bridge.events.schema import EVENT_TIMESTAMP, timestamps_us
 
 
@@ -309,7 +308,7 @@ def run(
     result: dict[str, Any] = {
         "data": data, "seeds": seeds, "surfaces": study.surfaces,
         "plan": {"sizes": [asdict(s) for s in plan.sizes], "epochs": plan.epochs,
-                 "fm_max_steps": plan.fm_max_steps, "recipe": {"lr_base": LR_BASE, **RECIPE},
+                 "fm_max_steps": plan.fm_max_steps, "recipe": recipe_record(),
                  "fm_batch_requests": plan.fm_batch_requests, "expert": asdict(plan.expert)},
         "events": int(len(study.events)), "users": int(study.events["user_id"].nunique()),
         "windows": {k: (a.isoformat(), b.isoformat()) for k, (a, b) in study.windows.items()},

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from experts.paper.report import _fmt, _fmt_gain, _fmt_ne
+from experts.paper.report import _fmt, _fmt_gain, _fmt_ne, recipe_text
 
 PLOT = "scaling.png"
 
@@ -30,8 +30,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# FM scaling: {result['data']}",
         "",
         f"Seeds {result['seeds']}; {result['events']:,} events, {result['users']:,} users; "
-        f"wall {result['seconds']:.0f}s. Each size trains by one recipe: {plan['recipe']}, "
-        f"peak lr = min(lr_base, lr_base * (32 / d_model)^1.6), {plan['epochs']} pass(es) over "
+        f"wall {result['seconds']:.0f}s. Each size trains by one recipe: "
+        f"{recipe_text(plan['recipe'])}, {plan['epochs']} pass(es) over "
         f"the FM window, batch {plan['fm_batch_requests']} requests"
         + (f", at most {plan['fm_max_steps']} steps" if plan["fm_max_steps"] else "") + ".",
         f"NE (lower is better) on the evaluation window {result['windows']['eval'][0]} .. "

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from experts.paper.data import load_study_data
-from experts.paper.ladder import LR_BASE
+from experts.paper.ladder import recipe_record
 from experts.paper.plan import Plan, plan_for
 from experts.paper.report import json_safe, plots, write_report
 from experts.paper.runs import RunContext, run_seed
 from experts.paper.stats import build_tables, check_targets
 from experts.train import torch_threads
-from fm.config import RECIPE
 
 
 def run(
@@ -64,7 +63,7 @@ def run(
         "surfaces": study.surfaces,
         "plan": {"fm_sizes": [asdict(s) for s in plan.fm_sizes], "fm_max_steps": plan.fm_max_steps,
                  "fm_batch_requests": plan.fm_batch_requests,
-                 "recipe": {"lr_base": LR_BASE, **RECIPE}, "expert": asdict(plan.expert)},
+                 "recipe": recipe_record(), "expert": asdict(plan.expert)},
         "events": int(len(events)),
         "users": int(events["user_id"].nunique()),
         "windows": {k: (a.isoformat(), b.isoformat()) for k, (a, b) in study.windows.items()},
