@@ -329,6 +329,8 @@ def test_plan_trains_two_ladder_rungs_and_experts_stop_early():
     roomy, tight = plan_for(2700, 3, "movielens"), plan_for(900, 3, "kuairand")
     assert [s.name for s in roomy.fm_sizes] == ["xs", "xl"]
     assert [s.name for s in tight.fm_sizes] == ["xs", "m"]  # 5 min per seed: a cheaper large FM
+    assert tight.fm_max_steps is not None and tight.fm_max_steps < plan_for(
+        2000, 3, "kuairand").fm_max_steps  # and steps that follow the budget
     assert roomy.fm_max_steps is None and roomy.expert.holdout_frac > 0
     assert roomy.expert.for_rows(3_000).epochs == roomy.expert.max_epochs
     with pytest.raises(ValueError, match="unknown FM size 'xxl'"):

@@ -30,20 +30,29 @@ class Plan:
 HOLDOUT = 0.1
 
 
-def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
-    """Scale data, FM sizes and steps so a run takes at most about `budget_s` seconds on 2
-    shared CPU cores.
+# FM + UE-model seconds per step at the ladder's m (batch 64, 2 shared cores): ~0.05 s each
+# on KuaiRand-Pure, ~0.04 s on ml-latest-small.
+M_STEP_S = 0.1
 
-    Real data: both FMs make one pass over the FM window by the recipe; the small FM is the
-    ladder's xs, the large its xl (measured per seed, FM and UE model: ~14 min on
-    ml-latest-small, whose histories fill xl's 128 events, ~10 min on KuaiRand-Pure) when a
-    seed has 15 minutes, else its m (~1-3 min). Synthetic: ~17 s per seed at the first tier.
+
+def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
+    """Scale data, FM sizes and steps so a run takes about `budget_s` seconds on 2 shared CPU
+    cores.
+
+    Real data: the small FM is the ladder's xs; with 900 s or more per seed the large one is
+    its xl and both make one full pass over the FM window (an xl FM plus the UE model at xl
+    took 6 min per seed on KuaiRand-Pure and 10 min on ml-latest-small, whose histories fill
+    xl's 128 events, with other runs sharing the two cores; the experts take the rest), else
+    its m with steps capped to spend about half the seed on the FM and the UE model. Synthetic
+    data: three tiers of users, steps and sizes.
     """
     per_seed = budget_s / max(n_seeds, 1)
     if data != "synthetic":
-        large = rung("xl") if per_seed >= 900 else rung("m")
         expert = ExpertSize(64, 8, 2, 1024, min_steps=150, max_epochs=4, holdout_frac=HOLDOUT)
-        return Plan(None, (rung("xs"), large), None, expert, 3)
+        if per_seed >= 900:
+            return Plan(None, (rung("xs"), rung("xl")), None, expert, 3)
+        steps = max(50, int(per_seed * 0.5 / M_STEP_S))
+        return Plan(None, (rung("xs"), rung("m")), steps, expert, 3)
     if per_seed < 80:
         return Plan(250, (rung("xs"), rung("s")), 120,
                     ExpertSize(32, 8, 2, 256, min_steps=100, max_epochs=6, holdout_frac=HOLDOUT), 1)
