@@ -40,11 +40,13 @@ def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
     cores.
 
     Real data: the small FM is the ladder's xs; with 900 s or more per seed the large one is
-    its xl and both make one full pass over the FM window (an xl FM plus the UE model at xl
-    took 6 min per seed on KuaiRand-Pure and 10 min on ml-latest-small, whose histories fill
-    xl's 128 events, with other runs sharing the two cores; the experts take the rest), else
-    its m with steps capped to spend about half the seed on the FM and the UE model. Synthetic
-    data: three tiers of users, steps and sizes.
+    its xl and both make one full pass over the FM window, else its m with steps capped to
+    spend about half the seed on the FM and the UE model. The xl plan is the slow one: with
+    three other long runs sharing the two cores a seed took ~25 min on KuaiRand-Pure (6-11 min
+    of it training the xl FM and the UE model, most of the rest computing their embeddings for
+    every row at history 128) and longer on ml-latest-small, whose histories fill all 128
+    events; alone on the machine, expect about half. Synthetic data: three tiers of users,
+    steps and sizes.
     """
     per_seed = budget_s / max(n_seeds, 1)
     if data != "synthetic":

@@ -1,9 +1,11 @@
 """`foundex scaling`: FM quality and expert quality against FM compute, over a ladder of sizes.
 
 Per seed and size: an FM of that size (width, depth and history length grow together) trains
-on the FM window by one recipe (`RECIPE`); its NE per FM task (main and the surface's aux) is
-measured on the evaluation window, and one expert config (+TAE, `experts.baselines`) is
-trained on the expert window with that FM's TAEs and judged on the evaluation window. A no-FM expert per seed gives the floor.
+on the FM window by one recipe (`experts.paper.ladder`); its NE per FM task (main and the
+surface's aux) is measured on the evaluation window and on the expert window (the held-out
+window right after its own), and one expert config (+TAE, `experts.baselines`) is trained on
+the expert window with that FM's TAEs and judged on the evaluation window. A no-FM expert per
+seed gives the floor.
 
 Compute C = `fm_flops_per_candidate`: multiply-adds of the FM encoder for one candidate with a
 full history. Over sizes, the mean NE is fitted to NE(C) = a * C^(-b) + c (`fit_power_law`);
