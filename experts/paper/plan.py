@@ -45,8 +45,7 @@ def plan_for(budget_s: float, n_seeds: int, data: str = "synthetic") -> Plan:
     three other long runs sharing the two cores a seed took ~25 min on KuaiRand-Pure (6-11 min
     of it training the xl FM and the UE model, most of the rest computing their embeddings for
     every row at history 128) and longer on ml-latest-small, whose histories fill all 128
-    events; alone on the machine, expect about half. Synthetic data: three tiers of users,
-    steps and sizes.
+    events. Synthetic data: three tiers of users, steps and sizes.
     """
     per_seed = budget_s / max(n_seeds, 1)
     if data != "synthetic":
