@@ -117,7 +117,8 @@ def _split_holdout(frame: pd.DataFrame, labels: torch.Tensor, frac: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row positions (training rows in the frame's order, held-out rows): the held-out ones
     are the latest int(frac * n) by event time (the frame's last rows without an
-    event_timestamp column), moved to the next timestamp so that no instant is split. None are
+    event_timestamp column), widened back to the start of the instant at the cut so that no
+    instant is split. None are
     held out when frac is 0, when fewer than MIN_HELD_OUT rows would be (too noisy to stop
     on) or when the held-out rows have no valid label."""
     n = len(frame)
