@@ -118,9 +118,8 @@ def _split_holdout(frame: pd.DataFrame, labels: torch.Tensor, frac: float
     """Row positions (training rows in the frame's order, held-out rows): the held-out ones
     are the latest int(frac * n) by event time (the frame's last rows without an
     event_timestamp column), widened back to the start of the instant at the cut so that no
-    instant is split. None are
-    held out when frac is 0, when fewer than MIN_HELD_OUT rows would be (too noisy to stop
-    on) or when the held-out rows have no valid label."""
+    instant is split. None are held out when frac is 0, when fewer than MIN_HELD_OUT rows would
+    be (too noisy to stop on) or when the held-out rows have no valid label."""
     n = len(frame)
     everything, nothing = torch.arange(n), torch.zeros(0, dtype=torch.int64)
     n_held = int(frac * n)
